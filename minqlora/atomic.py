@@ -1,0 +1,48 @@
+"""Write files and folders so that a crash never leaves a half-written one under the final name.
+
+Everything minqlora writes for later use (adapters, checkpoints, predictions, merged models) goes to
+a temporary name beside its destination and is renamed into place once complete; rename is atomic
+on one filesystem, so readers see the old version or the new one, never a mixture.
+"""
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_dir(dest):
+    """Yield a fresh temporary folder; on success it replaces `dest` (a folder), else it is removed."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if dest.exists():  # move the old one aside first: os.replace cannot overwrite a non-empty folder
+        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(dest, mode="w", encoding="utf-8"):
+    """Yield an open temporary file; on success it replaces `dest`, else it is removed."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    os.replace(tmp, dest)

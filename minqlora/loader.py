@@ -1,0 +1,167 @@
+"""Build a Llama from a Hugging Face checkpoint folder: build, quantize, fill; and save one back.
+
+`load_model` builds the model on the meta device (no memory), then streams the checkpoint tensor by
+tensor: each linear weight is moved to the target device and quantized to 4 bits at once (QLoRA
+§3: the 16-bit weights are never all in memory), every other tensor is copied by name. Every
+checkpoint key is used, every parameter filled, every shape checked; any mismatch is an error that
+names the tensor and the file. Reads `model.safetensors`, a `model.safetensors.index.json` with its
+shards, or (older checkpoints) `pytorch_model*.bin` through torch.load(weights_only=True).
+Checked against transformers' `save_pretrained` output in tests/test_loader.py.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .atomic import atomic_dir
+from .config import LlamaConfig
+from .model import LlamaForCausalLM
+from .nf4 import quantize_linear_weight
+
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # RoPE tables some old conversions saved; we recompute
+
+
+class LoadError(ValueError):
+    pass
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The checkpoint's weight files, in index order: safetensors first, .bin as a fallback."""
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = folder / index_name
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise LoadError(f"{index}: not a checkpoint index ({e})") from None
+            files = [folder / f for f in dict.fromkeys(weight_map.values())]
+            for f in files:
+                if not f.exists():
+                    raise LoadError(f"{index} names {f.name}, which is not in {folder}")
+            return files
+        if (folder / single).exists():
+            return [folder / single]
+    raise LoadError(f"{folder}: no weights (expected model.safetensors, model.safetensors.index.json, "
+                    "pytorch_model.bin or pytorch_model.bin.index.json)")
+
+
+def read_tensors(path: Path):
+    """Yield (name, tensor) one at a time, so only one tensor is materialised at once."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            yield from state.items()
+    except LoadError:
+        raise
+    except Exception as e:  # a truncated or corrupt shard: safetensors/torch say why
+        raise LoadError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+
+
+def load_model(path, *, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True,
+               dtype: torch.dtype = torch.float32, device="cpu", progress: bool = True
+               ) -> LlamaForCausalLM:
+    """Load a checkpoint folder; `bits=4` quantizes every linear but lm_head, `bits=16` keeps them."""
+    if bits not in (4, 16):
+        raise ValueError(f"bits={bits}: only 4 (QLoRA) and 16 (no quantization) are supported")
+    folder = Path(path)
+    if not folder.is_dir():
+        raise LoadError(f"{folder}: not a model folder")
+    cfg = LlamaConfig.from_json(folder)
+    files = weight_files(folder)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    expected = dict(model.named_parameters())  # tied lm_head.weight appears once, as embed_tokens
+    modules = dict(model.named_modules())
+    filled: dict[str, Path] = {}
+
+    bar = tqdm(total=len(expected), desc="loading", unit="tensor", disable=not progress)
+    for file in files:
+        for name, tensor in read_tensors(file):
+            if name.endswith(IGNORED_SUFFIXES) or (cfg.tie_word_embeddings and name == "lm_head.weight"):
+                continue
+            if name not in expected:
+                raise LoadError(f"{file}: tensor {name!r} is not a parameter of this model "
+                                f"(model_type={cfg.model_type}, {cfg.num_hidden_layers} layers)")
+            if name in filled:
+                raise LoadError(f"{file}: tensor {name!r} appears again (first in {filled[name].name})")
+            want = tuple(expected[name].shape)
+            if tuple(tensor.shape) != want:
+                raise LoadError(f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                f"config.json implies {want}")
+            if not tensor.is_floating_point():
+                raise LoadError(f"{file}: tensor {name!r} has dtype {tensor.dtype}, expected floating point")
+            module_name, _, attr = name.rpartition(".")
+            module = modules[module_name]
+            quantize = bits == 4 and isinstance(module, nn.Linear) and module_name != "lm_head"
+            if quantize:
+                q = quantize_linear_weight(tensor.to(device), quant_type=quant_type,
+                                           double_quant=double_quant, compute_dtype=dtype)
+                parent_name, _, child = module_name.rpartition(".")
+                setattr(modules[parent_name], child, q)
+            else:
+                setattr(module, attr, nn.Parameter(tensor.to(device=device, dtype=dtype)))
+            filled[name] = file
+            del tensor
+            bar.update()
+    bar.close()
+
+    missing = [n for n in expected if n not in filled]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise LoadError(f"{folder}: the checkpoint has no tensor for {shown}")
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    assert not meta, f"left unfilled: {meta}"
+    return model.eval()
+
+
+def save_checkpoint(state_dict: dict, cfg: LlamaConfig, out_dir, *, max_shard_bytes: int = 5 * 2**30,
+                    copy_from=None) -> Path:
+    """Write a Hugging Face layout folder: config.json, safetensors shards and their index.
+
+    Written to a temporary folder and renamed, so `out_dir` is either complete or untouched.
+    `copy_from` names a folder whose tokenizer and generation files are copied along.
+    """
+    out_dir = Path(out_dir)
+    shards, current, size = [], {}, 0
+    for name, t in state_dict.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t.detach().contiguous().cpu()
+        size += nbytes
+    shards.append(current)
+    with atomic_dir(out_dir) as tmp:
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards, 1):
+            fname = (f"model-{i:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1
+                     else "model.safetensors")
+            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+            for name, t in shard.items():
+                weight_map[name] = fname
+                total += t.numel() * t.element_size()
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        d = cfg.to_dict()
+        first = next(iter(state_dict.values()))
+        d["torch_dtype"] = str(first.dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(d, indent=2))
+        if copy_from is not None:
+            for f in Path(copy_from).iterdir():
+                if f.name.startswith(("tokenizer", "special_tokens_map", "generation_config")):
+                    (tmp / f.name).write_bytes(f.read_bytes())
+    return out_dir
