@@ -1,0 +1,240 @@
+"""Save and load LoRA adapters in peft's on-disk format.
+
+An adapter is the trained part of QLoRA (arXiv 2305.14314 §3; LoRA, arXiv
+2106.09685 §4): one (r x in) A and one (out x r) B per wrapped linear, plus
+r, alpha and the target list. A folder holds
+    adapter_config.json          peft's LoraConfig fields
+    adapter_model.safetensors    base_model.model.<module>.lora_A.weight, ...
+                                 (or adapter_model.bin, a torch.save'd dict)
+which is what `peft.PeftModel.save_pretrained` writes and `from_pretrained`
+reads; checked both ways against peft 0.21 in tests/test_adapter.py.
+
+Loading is strict: any key that has no LoRA module, any module without its
+tensors, any shape or rank mismatch, and any peft option this code does not
+implement (DoRA, rsLoRA, biases, modules_to_save, per-layer ranks, ...) is
+refused with an AdapterError naming the file and the key, before the model
+is modified.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from .lora import LoRALinear, apply_lora, lora_modules, target_module_names
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+# <module>.lora_A.weight, or peft's in-memory <module>.lora_A.<adapter name>.weight
+KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
+
+# Options that change the math; anything but these defaults is refused.
+UNSUPPORTED_IF_SET = (
+    "use_dora", "use_rslora", "use_qalora", "lora_bias", "fan_in_fan_out", "modules_to_save",
+    "rank_pattern", "alpha_pattern", "layers_to_transform", "layer_replication",
+    "exclude_modules", "target_parameters", "trainable_token_indices", "alora_invocation_tokens",
+)
+
+
+class AdapterError(ValueError):
+    pass
+
+
+def _target_modules_for_config(model: nn.Module, wrapped: list[str]) -> list[str]:
+    # Short names (["q_proj", "v_proj"]) when they select exactly the wrapped modules under
+    # peft's suffix matching; otherwise full module names, which peft matches exactly.
+    short = sorted({n.split(".")[-1] for n in wrapped})
+    would_match = [n for n, _ in model.named_modules() if n.split(".")[-1] in short]
+    return short if sorted(would_match) == sorted(wrapped) else sorted(wrapped)
+
+
+def _write_files(folder: Path, tensors: dict, config: dict):
+    st, cfg = folder / SAFETENSORS_NAME, folder / CONFIG_NAME
+    save_file(tensors, str(st), metadata={"format": "pt"})
+    cfg.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    for p in (st, cfg):
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def save_adapter(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    r: int,
+    alpha: float,
+    dropout: float,
+    targets: str | list[str],
+    base_model_name_or_path: str | None,
+) -> Path:
+    """Write the model's LoRA weights and config as a peft adapter folder.
+
+    r/alpha must agree with the model's LoRA layers; `targets` is what was
+    passed to apply_lora and only serves as a check: `target_modules` in the
+    file lists the modules actually wrapped.
+    """
+    modules = lora_modules(model)
+    if not modules:
+        raise AdapterError("save_adapter: the model has no LoRA layers")
+    for name, m in modules.items():
+        if m.r != r or abs(m.scaling - alpha / r) > 1e-12 * max(1.0, abs(m.scaling)):
+            raise AdapterError(f"save_adapter: {name} has r={m.r}, scaling={m.scaling}, but r={r}, alpha={alpha} given")
+    if not isinstance(targets, str):
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in modules)]
+        if missing:
+            raise AdapterError(f"save_adapter: targets {missing} were not wrapped in this model")
+
+    tensors = {}
+    for name, m in modules.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous().cpu()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous().cpu()
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": _target_modules_for_config(model, list(modules)),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "base_model_name_or_path": base_model_name_or_path,
+        "modules_to_save": None,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
+    }
+
+    # Atomic: build the folder under a temporary name next to out_dir, then rename it.
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if not out_dir.exists():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        try:
+            _write_files(tmp, tensors, config)
+            os.replace(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    else:
+        # An existing folder may hold other files (optimizer state, ...): replace our two files
+        # one by one, each written under a temporary name and renamed.
+        tmp = Path(tempfile.mkdtemp(prefix=".adapter.tmp-", dir=out_dir))
+        try:
+            _write_files(tmp, tensors, config)
+            for name in (SAFETENSORS_NAME, CONFIG_NAME):
+                os.replace(tmp / name, out_dir / name)
+            stale_bin = out_dir / BIN_NAME
+            if stale_bin.exists():  # peft would prefer our safetensors anyway; don't leave a stale .bin
+                stale_bin.unlink()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _read_config(path: Path) -> dict:
+    if not path.exists():
+        raise AdapterError(f"{path}: not found; an adapter folder needs {CONFIG_NAME}")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{path}: peft_type={cfg['peft_type']!r}; only LORA adapters are supported")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in cfg:
+            raise AdapterError(f"{path}: missing {key!r}")
+    if cfg.get("bias", "none") != "none":
+        raise AdapterError(f"{path}: bias={cfg['bias']!r} is not supported (only 'none')")
+    for key in UNSUPPORTED_IF_SET:
+        if cfg.get(key):
+            raise AdapterError(f"{path}: {key}={cfg[key]!r} is not supported by minqlora")
+    targets = cfg["target_modules"]
+    if isinstance(targets, str):
+        if targets != "all-linear":  # peft's "all-linear" = every linear but the output layer
+            raise AdapterError(f"{path}: target_modules={targets!r} is a regex; only a list or 'all-linear' is supported")
+        cfg["target_modules"] = "all"
+    return cfg
+
+
+def _read_tensors(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    st, bin_ = folder / SAFETENSORS_NAME, folder / BIN_NAME
+    if st.exists():
+        return st, load_file(str(st), device="cpu")
+    if bin_.exists():
+        return bin_, torch.load(bin_, map_location="cpu", weights_only=True)
+    raise AdapterError(f"{folder}: no {SAFETENSORS_NAME} or {BIN_NAME}")
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> dict:
+    """Load a peft LoRA adapter into `model` (wrapping it first if needed); return its config."""
+    folder = Path(adapter_dir)
+    cfg_path = folder / CONFIG_NAME
+    cfg = _read_config(cfg_path)
+    r, alpha, dropout = cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0)
+    path, raw = _read_tensors(folder)
+
+    # Which modules carry LoRA, and their (in, out) features, before touching the model.
+    existing = lora_modules(model)
+    if existing:
+        names = list(existing)
+        for name, m in existing.items():
+            if m.r != r or m.scaling != alpha / r:
+                raise AdapterError(
+                    f"{cfg_path}: r={r}, lora_alpha={alpha}, but the model's {name} has r={m.r}, scaling={m.scaling}"
+                )
+    else:
+        try:
+            names = target_module_names(model, cfg["target_modules"])
+        except ValueError as e:
+            raise AdapterError(f"{cfg_path}: {e}") from None
+    features = {n: (model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in names}
+
+    tensors: dict[tuple[str, str], torch.Tensor] = {}
+    for key, t in raw.items():
+        k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        m = KEY_RE.match(k)
+        if m is None:
+            raise AdapterError(f"{path}: unexpected key {key!r} (only lora_A / lora_B weights are supported)")
+        module, which = m["module"], m["which"]
+        if module not in features:
+            raise AdapterError(f"{path}: key {key!r} names module {module!r}, which has no LoRA layer in this model")
+        if (module, which) in tensors:
+            raise AdapterError(f"{path}: key {key!r} duplicates another key for {module}.{which}")
+        fin, fout = features[module]
+        expected = (r, fin) if which == "lora_A" else (fout, r)
+        if tuple(t.shape) != expected:
+            found_r = t.shape[0] if which == "lora_A" else t.shape[-1]
+            raise AdapterError(
+                f"{path}: key {key!r} has shape {tuple(t.shape)}, expected {expected} "
+                f"(rank {r} from {CONFIG_NAME}, module in_features={fin}, out_features={fout}; "
+                f"the tensor implies rank {found_r})"
+            )
+        tensors[(module, which)] = t
+    for name in names:
+        for which in ("lora_A", "lora_B"):
+            if (name, which) not in tensors:
+                raise AdapterError(f"{path}: no tensor for {PREFIX}{name}.{which}.weight (module {name} is a LoRA target)")
+
+    if not existing:
+        apply_lora(model, r=r, alpha=alpha, dropout=dropout, targets=cfg["target_modules"])
+    with torch.no_grad():
+        for (name, which), t in tensors.items():
+            layer: LoRALinear = model.get_submodule(name)
+            getattr(layer, which).weight.copy_(t)
+    return cfg
