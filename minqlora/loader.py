@@ -135,6 +135,8 @@ def save_checkpoint(state_dict: dict, cfg: LlamaConfig, out_dir, *, max_shard_by
     `copy_from` names a folder whose tokenizer and generation files are copied along.
     """
     out_dir = Path(out_dir)
+    if cfg.tie_word_embeddings:  # the checkpoint holds the shared matrix once, as transformers writes it
+        state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
     shards, current, size = [], {}, 0
     for name, t in state_dict.items():
         nbytes = t.numel() * t.element_size()

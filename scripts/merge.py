@@ -1,0 +1,57 @@
+"""Merge a LoRA adapter into its base model and write a 16-bit Hugging Face checkpoint.
+
+    python scripts/merge.py --base_model_path weights/tiny --peft_path output/default --output_dir output/merged
+
+By default the base is loaded unquantized (--bits 16), so the result is W0 + B·A·alpha/r on the original
+weights; --bits 4 merges into the dequantized 4-bit weights the adapter was trained against instead.
+"""
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from minqlora.adapter import load_adapter  # noqa: E402
+from minqlora.cli import parse_dataclasses  # noqa: E402
+from minqlora.config import LlamaConfig  # noqa: E402
+from minqlora.loader import load_model, save_checkpoint  # noqa: E402
+from minqlora.lora import merge_lora  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class MergeArgs:
+    base_model_path: str = field(default="weights/tiny", metadata={"help": "base checkpoint folder"})
+    peft_path: str = field(default="output/default", metadata={"help": "adapter folder (minqlora or peft)"})
+    output_dir: str = field(default="output/merged", metadata={"help": "where the merged checkpoint goes"})
+    bits: int = field(default=16, metadata={"help": "16: merge into the original weights; 4: into the "
+                                                    "dequantized NF4 weights", "choices": [4, 16]})
+    quant_type: str = field(default="nf4", metadata={"help": "with --bits 4", "choices": ["nf4", "fp4"]})
+    double_quant: bool = field(default=True, metadata={"help": "with --bits 4"})
+    dtype: str = field(default="auto", metadata={"help": "dtype of the written weights; auto = the base's "
+                                                         "torch_dtype", "choices": ["auto", *DTYPES]})
+
+
+def main(argv=None):
+    _, (args,) = parse_dataclasses({"merge": MergeArgs}, argv, description=__doc__)
+    try:
+        cfg = LlamaConfig.from_json(args.base_model_path)
+        dtype = DTYPES.get(args.dtype if args.dtype != "auto" else cfg.torch_dtype, torch.float32)
+        model = load_model(args.base_model_path, bits=args.bits, quant_type=args.quant_type,
+                           double_quant=args.double_quant, dtype=dtype)
+        load_adapter(model, args.peft_path)
+        merge_lora(model)
+        out = save_checkpoint(model.state_dict(), model.config, args.output_dir,
+                              copy_from=args.base_model_path)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"merged checkpoint written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

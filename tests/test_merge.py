@@ -1,0 +1,46 @@
+"""scripts/merge.py: base + adapter -> one 16-bit checkpoint that transformers reads and that equals peft's model."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from _tiny import hf_model
+from minqlora.adapter import save_adapter
+from minqlora.loader import load_model
+from minqlora.lora import apply_lora, lora_modules
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import merge  # noqa: E402
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_merged_checkpoint_equals_peft_model(tmp_path, tied):
+    import peft
+    import transformers
+    hf = hf_model(seed=4, tie_word_embeddings=tied)
+    hf.save_pretrained(tmp_path / "base")
+    m = load_model(tmp_path / "base", bits=16, progress=False)
+    apply_lora(m, r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj", "down_proj"])
+    torch.manual_seed(0)
+    for mod in lora_modules(m).values():
+        torch.nn.init.normal_(mod.lora_B.weight, std=0.05)
+    save_adapter(m, tmp_path / "adapter", r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj", "down_proj"],
+                 base_model_name_or_path=str(tmp_path / "base"))
+
+    assert merge.main(["--base_model_path", str(tmp_path / "base"), "--peft_path", str(tmp_path / "adapter"),
+                       "--output_dir", str(tmp_path / "merged"), "--dtype", "float32"]) == 0
+    merged = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ref = peft.PeftModel.from_pretrained(hf_model(seed=4, tie_word_embeddings=tied), tmp_path / "adapter").eval()
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        a, b, base = merged(ids).logits, ref(ids).logits, hf(ids).logits
+    assert (a - b).abs().max() < 1e-5
+    assert (a - base).abs().max() > 1e-3  # the adapter really changed the model
+
+
+def test_merge_refuses_a_bad_adapter(tmp_path, capsys):
+    hf_model(seed=4).save_pretrained(tmp_path / "base")
+    assert merge.main(["--base_model_path", str(tmp_path / "base"), "--peft_path", str(tmp_path / "none"),
+                       "--output_dir", str(tmp_path / "merged")]) == 2
+    assert "error:" in capsys.readouterr().err and not (tmp_path / "merged").exists()
