@@ -156,7 +156,7 @@ def save_checkpoint(state_dict: dict, cfg: LlamaConfig, out_dir, *, max_shard_by
                 weight_map[name] = fname
                 total += t.numel() * t.element_size()
         if len(shards) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         d = cfg.to_dict()
         first = next(iter(state_dict.values()))
