@@ -1,0 +1,196 @@
+"""Text generation with a preallocated KV cache: prefill the prompt once, then one token per step.
+
+A batch of prompts of different lengths is left-padded into one cache: every row's keys and values
+live in the same slots, an attention mask over all slots hides the padding, and per-row position ids
+give each real token the RoPE position it has when the prompt runs alone; so each sequence gets what
+it would get alone, token for token (gpt-fast's `generate`, with transformers' batching semantics).
+Logit processing follows transformers' `generate`, in its order: repetition penalty
+(RepetitionPenaltyLogitsProcessor), then temperature, top-k and top-p (nucleus, Holtzman et al.
+2019) when sampling. Checked against transformers' greedy `generate` in tests/test_generate.py.
+
+Context: a prompt must leave room for one new token (prompt length < max_position_embeddings), or
+PromptTooLongError names it; `max_new_tokens` is clamped per row so prompt + new <= the context.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from tqdm import tqdm
+
+from .model import KVCache
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """model.eval() inside, the model's train/eval state restored after (dropout off while scoring)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def repetition_penalty_(logits, seen, penalty: float):
+    """In place: tokens already seen get positive logits divided and negative ones multiplied."""
+    if penalty != 1.0:
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits.copy_(torch.where(seen, penalised, logits))
+    return logits
+
+
+def top_k_top_p(logits, top_k: int = 0, top_p: float = 1.0):
+    """Set to -inf every logit outside the top k, and outside the smallest set holding p of the mass."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        # As transformers' TopPLogitsWarper: sort ascending, drop the tokens whose cumulative mass
+        # stays within 1 - p; the most likely token always survives.
+        sorted_logits, order = torch.sort(logits, dim=-1)  # (B, V) ascending
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum <= 1 - top_p
+        drop_sorted[:, -1] = False
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def next_tokens(logits, seen, *, do_sample, temperature, top_k, top_p, repetition_penalty, generator):
+    """The next token of every row (B,), from the last position's logits (B, V)."""
+    logits = repetition_penalty_(logits.float(), seen, repetition_penalty)
+    if not do_sample:
+        return logits.argmax(-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature}: must be > 0 when sampling (use greedy instead)")
+    logits = top_k_top_p(logits / temperature, top_k, top_p)
+    probs = logits.softmax(-1)  # (B, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+
+
+@torch.inference_mode()
+def generate_ids(model, prompt_ids: list[list[int]], *, eos_ids, max_new_tokens: int, pad_id: int = 0,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 repetition_penalty: float = 1.0, generator: torch.Generator | None = None,
+                 names: list[str] | None = None) -> list[list[int]]:
+    """Generate for one batch of token-id prompts; return each row's new tokens (its stop token included).
+
+    Greedy unless do_sample. A row stops at any of `eos_ids`, after max_new_tokens, or at the
+    model's context; the batch stops when every row has. `names` label prompts in errors.
+    """
+    if not prompt_ids:
+        return []
+    with eval_mode(model):
+        return _generate_batch(model, prompt_ids, eos_ids, max_new_tokens, pad_id, names, dict(
+            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, generator=generator))
+
+
+def check_context(prompt_ids, ctx: int, names=None):
+    for i, ids in enumerate(prompt_ids):
+        name = names[i] if names else f"prompt {i}"
+        if not ids:
+            raise PromptTooLongError(f"{name} is empty (no tokens)")
+        if len(ids) >= ctx:
+            raise PromptTooLongError(f"{name} has {len(ids)} tokens; the model's context "
+                                     f"(max_position_embeddings) is {ctx}, leaving no room to generate")
+
+
+def _generate_batch(model, prompt_ids, eos_ids, max_new_tokens, pad_id, names, sampling):
+    cfg = model.config
+    ctx = cfg.max_position_embeddings
+    check_context(prompt_ids, ctx, names)
+    device = model.lm_head.weight.device
+    dtype = model.model.embed_tokens.weight.dtype
+    lengths = torch.tensor([len(ids) for ids in prompt_ids], device=device)  # (B,)
+    B, P = len(prompt_ids), int(lengths.max())
+    limits = (ctx - lengths).clamp(max=max_new_tokens)  # (B,) new tokens each row may add
+    steps = int(limits.max())
+    if steps <= 0:
+        return [[] for _ in prompt_ids]
+
+    tokens = torch.full((B, P), pad_id, dtype=torch.long, device=device)  # (B, P) left-padded
+    for i, ids in enumerate(prompt_ids):
+        tokens[i, P - len(ids):] = torch.tensor(ids, dtype=torch.long, device=device)
+    key_mask = torch.ones(B, P + steps, dtype=torch.long, device=device)  # (B, S_max) 1 = real
+    key_mask[:, :P] = torch.arange(P, device=device)[None, :] >= (P - lengths)[:, None]
+    positions = (key_mask[:, :P].cumsum(1) - 1).clamp(min=0)  # (B, P) each row's own positions
+    seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)  # (B, V)
+    for i, ids in enumerate(prompt_ids):  # padding is no part of any prompt
+        seen[i, torch.tensor(ids, device=device)] = True
+
+    eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
+    cache = KVCache(cfg, B, P + steps, dtype, device)
+    logits = model(tokens, position_ids=positions, attention_mask=key_mask[:, :P],
+                   kv_cache=cache, last_only=True)  # (B, 1, V)
+    out = torch.full((B, steps), pad_id, dtype=torch.long, device=device)  # (B, steps)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    n_new = torch.zeros(B, dtype=torch.long, device=device)
+    for t in range(steps):
+        nxt = next_tokens(logits[:, -1], seen, **sampling)  # (B,)
+        nxt = torch.where(done, pad_id, nxt)
+        out[:, t] = nxt
+        n_new += (~done).long()
+        seen[torch.arange(B, device=device), nxt] |= ~done
+        done |= torch.isin(nxt, eos) | (n_new >= limits)
+        if bool(done.all()):
+            break
+        logits = model(nxt[:, None], position_ids=(lengths + t)[:, None],
+                       attention_mask=key_mask[:, :P + t + 1], kv_cache=cache)  # (B, 1, V)
+    return [out[i, :n].tolist() for i, n in enumerate(n_new.tolist())]
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """BOS + the prompt's tokens, as the course's scripts feed a prompt."""
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    return [bos + tokenizer.encode(p) for p in prompts]
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a sequence: the tokenizer's eos and stop ids and config.json's eos ids."""
+    ids = set(model.config.eos_token_ids) | set(getattr(tokenizer, "stop_ids", ()))
+    if tokenizer.eos_id is not None:
+        ids.add(tokenizer.eos_id)
+    return sorted(ids)
+
+
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 128, batch_size: int = 8,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0,
+             repetition_penalty: float = 1.0, seed: int | None = None, names: list[str] | None = None,
+             progress: bool = True) -> list[str]:
+    """Generate a completion of every prompt (BOS + prompt tokens); return the decoded new text.
+
+    Prompts are batched by length (similar lengths together, less padding) and results returned in
+    input order; special tokens are dropped from the text. With do_sample, `seed` fixes the draw
+    for a given batch_size. Every prompt is checked against the context before any generation.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be at least 1")
+    ids = encode_prompts(tokenizer, prompts)
+    names = names or [f"prompt {i}" for i in range(len(prompts))]
+    check_context(ids, model.config.max_position_embeddings, names)  # all of them, before any work
+    device = model.lm_head.weight.device
+    generator = None
+    if do_sample and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
+    results: list[str | None] = [None] * len(ids)
+    eos = stop_ids(model, tokenizer)
+    with eval_mode(model), tqdm(total=len(ids), desc="generating", unit="example",
+                                 disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            new = generate_ids(model, [ids[i] for i in batch], eos_ids=eos,
+                               max_new_tokens=max_new_tokens, pad_id=tokenizer.pad_id,
+                               do_sample=do_sample, temperature=temperature, top_k=top_k,
+                               top_p=top_p, repetition_penalty=repetition_penalty,
+                               generator=generator, names=[names[i] for i in batch])
+            for i, toks in zip(batch, new):
+                results[i] = tokenizer.decode(toks, skip_special=True)
+            bar.update(len(batch))
+    return results

@@ -1,0 +1,160 @@
+"""minqlora.generate against transformers' `generate` (greedy, repetition penalty, with a peft
+adapter), against an uncached loop, batched against one at a time; sampling determinism and the
+top-k/top-p filters against transformers' logits processors."""
+import pytest
+import torch
+
+from _fixtures_infer import model_dir
+from _tiny import pair
+from minqlora.adapter import load_adapter
+from minqlora.generate import (PromptTooLongError, encode_prompts, generate, generate_ids,
+                               top_k_top_p)
+from minqlora.loader import load_model
+from minqlora.tokenizer import Tokenizer
+
+EOS = 2
+NEW = 12
+
+
+def prompts(seed=0, lengths=(5, 17, 9, 1, 30)):
+    g = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(3, 128, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return pair(seed=3)
+
+
+def hf_greedy(hf, ids, **kw):
+    out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                      do_sample=False, max_new_tokens=NEW, eos_token_id=EOS, pad_token_id=0, **kw)
+    return out[0, len(ids):].tolist()
+
+
+def uncached_greedy(model, ids, max_new):
+    ids, new = list(ids), []
+    with torch.no_grad():
+        for _ in range(max_new):
+            nxt = int(model(torch.tensor([ids]))[0, -1].argmax())  # full forward every step
+            ids.append(nxt)
+            new.append(nxt)
+            if nxt == EOS:
+                break
+    return new
+
+
+def test_greedy_matches_transformers(models):
+    hf, mq = models
+    for ids in prompts():
+        got = generate_ids(mq, [ids], eos_ids=[EOS], max_new_tokens=NEW)[0]
+        assert got == hf_greedy(hf, ids)
+        assert len(got) == NEW or got[-1] == EOS
+
+
+def test_greedy_with_peft_adapter_matches_transformers(models, tmp_path):
+    import peft
+
+    hf, _ = pair(seed=3)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "up_proj"])
+    hf = peft.get_peft_model(hf, cfg)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    hf.save_pretrained(tmp_path)
+    hf.eval()
+    _, mq = pair(seed=3)
+    load_adapter(mq, tmp_path)
+    base = [generate_ids(models[1], [ids], eos_ids=[EOS], max_new_tokens=NEW)[0] for ids in prompts()]
+    got = [generate_ids(mq, [ids], eos_ids=[EOS], max_new_tokens=NEW)[0] for ids in prompts()]
+    assert got == [hf_greedy(hf, ids) for ids in prompts()]
+    assert got != base  # the adapter changed something
+
+
+def test_cached_equals_uncached(models):
+    _, mq = models
+    for ids in prompts(1):
+        assert generate_ids(mq, [ids], eos_ids=[EOS], max_new_tokens=NEW)[0] == uncached_greedy(mq, ids, NEW)
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.5])
+def test_batched_equals_one_at_a_time(models, penalty):
+    _, mq = models
+    ps = prompts(2)
+    alone = [generate_ids(mq, [p], eos_ids=[EOS], max_new_tokens=NEW, repetition_penalty=penalty)[0]
+             for p in ps]
+    batched = generate_ids(mq, ps, eos_ids=[EOS], max_new_tokens=NEW, repetition_penalty=penalty, pad_id=0)
+    assert batched == alone
+    # A stop token that some rows hit early: those rows stop, the others go on unchanged.
+    stop = alone[1][3]
+    cut = [a[:a.index(stop) + 1] if stop in a else a for a in alone]
+    assert generate_ids(mq, ps, eos_ids=[EOS, stop], max_new_tokens=NEW, repetition_penalty=penalty) == cut
+    assert any(len(c) < len(a) for c, a in zip(cut, alone)) and any(c == a for c, a in zip(cut, alone))
+
+
+def test_repetition_penalty_matches_transformers(models):
+    hf, mq = models
+    for ids in prompts(4, lengths=(3, 20)):
+        got = generate_ids(mq, [ids], eos_ids=[EOS], max_new_tokens=NEW, repetition_penalty=1.8)[0]
+        assert got == hf_greedy(hf, ids, repetition_penalty=1.8)
+        assert got != generate_ids(mq, [ids], eos_ids=[EOS], max_new_tokens=NEW)[0]
+
+
+def test_sampling_deterministic_and_top_k_1_is_greedy(models):
+    _, mq = models
+    ps = prompts(5)
+
+    def sample(seed, **kw):
+        g = torch.Generator().manual_seed(seed)
+        return generate_ids(mq, ps, eos_ids=[EOS], max_new_tokens=NEW, do_sample=True, generator=g, **kw)
+
+    assert sample(0) == sample(0)
+    assert sample(0) != sample(1)
+    assert sample(0, temperature=0.7, top_k=10, top_p=0.9) == sample(0, temperature=0.7, top_k=10, top_p=0.9)
+    greedy = generate_ids(mq, ps, eos_ids=[EOS], max_new_tokens=NEW)
+    assert sample(5, top_k=1) == greedy
+    assert sample(6, temperature=1e-4) == greedy
+
+
+def test_top_k_top_p_match_transformers():
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
+    for k, p in [(0, 0.9), (5, 1.0), (7, 0.5), (0, 0.05)]:
+        want = logits.clone()
+        if k:
+            want = TopKLogitsWarper(k)(None, want)
+        if p < 1:
+            want = TopPLogitsWarper(p)(None, want)
+        got = top_k_top_p(logits.clone(), k, p)
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+        assert torch.isinf(got).any()
+        assert torch.equal(got[~torch.isinf(got)], logits[~torch.isinf(got)])
+
+
+def test_context_limit(models):
+    _, mq = models
+    ctx = mq.config.max_position_embeddings
+    with pytest.raises(PromptTooLongError, match=rf"prompt 1 has {ctx} tokens.*{ctx}"):
+        generate_ids(mq, [[1, 5], [1] * ctx], eos_ids=[EOS], max_new_tokens=4)
+    near = [1] + [7] * (ctx - 4)  # room for 3 new tokens
+    out = generate_ids(mq, [near, [1, 5]], eos_ids=[], max_new_tokens=10)
+    assert len(out[0]) == 3 and len(out[1]) == 10
+    assert out[1] == generate_ids(mq, [[1, 5]], eos_ids=[], max_new_tokens=10)[0]
+
+
+def test_generate_text_api():
+    folder = model_dir()
+    model = load_model(folder, bits=16, dtype=torch.float32, progress=False)
+    tok = Tokenizer.from_dir(folder)
+    texts = ["翻譯成文言文：\n我今天要去京城。", "hi", "將軍聞之，大怒。" * 3]
+    ids = encode_prompts(tok, texts)
+    assert all(row[0] == tok.bos_id and row[1:] == tok.encode(t) for row, t in zip(ids, texts))
+    model.train()
+    out = generate(model, tok, texts, max_new_tokens=8, batch_size=2, progress=False)
+    assert model.training
+    new = [generate_ids(model, [row], eos_ids=[tok.eos_id], max_new_tokens=8)[0] for row in ids]
+    assert out == [tok.decode(n) for n in new]
+    with pytest.raises(PromptTooLongError, match="prompt 2"):
+        generate(model, tok, ["a", "b", "長" * 1000], progress=False)
