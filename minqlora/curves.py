@@ -1,0 +1,135 @@
+"""A run's log.jsonl, written line by line, and the learning curves drawn from it: train loss, eval
+loss and eval perplexity against the optimizer step.
+
+The picture the course's student needed: eval loss turned up around step 1,100 of a 10,000-step run
+while the train loss kept falling, and nobody looked until 110 hours later. The trainer rewrites
+`curves.png` and `curves.csv` at every evaluation; `scripts/plot.py` redraws one or several logs.
+log.jsonl lines are JSON objects; train lines carry "loss", eval lines "eval_loss"/"eval_ppl", and
+"event" lines (start, audit, checkpoint, best, interrupted, end) say what happened.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import warnings
+from pathlib import Path
+
+from .atomic import atomic_file
+
+COLUMNS = ("step", "epoch", "loss", "eval_loss", "eval_ppl")
+
+
+def _step_of(line):
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:  # a line cut short by a kill
+        return math.inf
+
+
+class RunLog:
+    """log.jsonl: one JSON object per line, flushed at once; on resume, lines after the checkpoint go."""
+
+    def __init__(self, path, keep_until_step=None):
+        self.path = Path(path)
+        if keep_until_step is not None and self.path.exists():
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            kept = [ln for ln in lines if _step_of(ln) <= keep_until_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+        self.f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, **rec):
+        self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self.f.flush()
+
+    def close(self):
+        self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_log(path) -> dict[str, list]:
+    """{"train": [(step, loss)], "eval_loss": [(step, v)], "eval_ppl": [(step, v)], "rows": merged by step}."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such log")
+    rows: dict[int, dict] = {}
+    lines = [(n, ln) for n, ln in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if ln.strip()]
+    for n, line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == lines[-1][0]:
+                break  # the last line of a run killed mid-write
+            raise ValueError(f"{path}: line {n}, column {e.colno}: {e.msg}") from None
+        if "event" in rec or "step" not in rec or not any(k in rec for k in COLUMNS[2:]):
+            continue
+        row = rows.setdefault(int(rec["step"]), {"step": int(rec["step"])})
+        row.update({k: rec[k] for k in COLUMNS[1:] if rec.get(k) is not None})
+    ordered = [rows[s] for s in sorted(rows)]
+    series = {k: [(r["step"], r[k]) for r in ordered if k in r] for k in ("loss", "eval_loss", "eval_ppl")}
+    return {"train": series["loss"], "eval_loss": series["eval_loss"], "eval_ppl": series["eval_ppl"],
+            "rows": ordered}
+
+
+def write_csv(log: dict, csv_path):
+    with atomic_file(csv_path) as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, restval="")
+        w.writeheader()
+        for row in log["rows"]:
+            w.writerow(row)
+
+
+def plot(runs: list[tuple[str, dict]], png_path, title: str | None = None):
+    """One figure, two panels: losses (train solid, eval dashed) and eval perplexity; one colour per run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, log) in enumerate(runs):
+        c = colors[i % len(colors)]
+        prefix = f"{label}: " if len(runs) > 1 else ""
+        for key, style, what, ax in (("train", "-", "train loss", ax_loss), ("eval_loss", "--", "eval loss", ax_loss),
+                                     ("eval_ppl", "-", "eval perplexity", ax_ppl)):
+            pts = log[key]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, style, color=c, marker="o" if len(pts) < 30 and key != "train" else None,
+                        markersize=3, label=prefix + what)
+        best = min(log["eval_ppl"], key=lambda p: p[1], default=None)
+        if best is not None:
+            ax_ppl.axvline(best[0], color=c, alpha=0.3, linestyle=":")
+            ax_ppl.annotate(f"best {best[1]:.3f} @ {best[0]}", best, textcoords="offset points", xytext=(4, 6),
+                            fontsize=8, color=c)
+    ax_loss.set(xlabel="optimizer step", ylabel="loss (mean token NLL)", title="loss")
+    ax_ppl.set(xlabel="optimizer step", ylabel="mean per-example perplexity", title="eval perplexity")
+    for ax in (ax_loss, ax_ppl):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(png_path, mode="wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+
+
+def write_curves(log_path, png_path, csv_path, title: str | None = None) -> dict:
+    """Redraw one run's curves.png and curves.csv from its log; returns the parsed log.
+    Without matplotlib only the CSV is written (with a warning): a missing plot never stops training."""
+    log = read_log(log_path)
+    write_csv(log, csv_path)
+    try:
+        plot([(Path(log_path).parent.name, log)], png_path, title=title)
+    except ImportError as e:
+        warnings.warn(f"curves.png not drawn ({e}); the numbers are in {csv_path}")
+    return log

@@ -1,0 +1,116 @@
+"""optim.py: the paged AdamW steps like torch's AdamW; the LR schedules equal transformers'."""
+import math
+
+import pytest
+import torch
+
+from minqlora.optim import (build_optimizer, build_scheduler, describe_schedule, quiet_cpu_paging,
+                            warmup_steps_for)
+
+quiet_cpu_paging()
+
+
+def _params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # one small and one large tensor: bitsandbytes treats tensors under 4096 elements differently
+    return [torch.nn.Parameter(torch.randn(16, 8, generator=g)), torch.nn.Parameter(torch.randn(64, 96, generator=g))]
+
+
+def _run(name, steps=6, **kw):
+    params = _params()
+    opt = build_optimizer(params, name, **kw)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return opt, params
+
+
+def test_paged_adamw_32bit_steps_equal_torch_adamw():
+    kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1)
+    opt, ours = _run("paged_adamw_32bit", **kw)
+    import bitsandbytes as bnb
+    assert isinstance(opt, bnb.optim.PagedAdamW32bit)
+    ref_opt, ref = _run("adamw_torch", **kw)
+    assert type(ref_opt) is torch.optim.AdamW
+    start = _params()
+    for p, q, p0 in zip(ours, ref, start):
+        assert (p - p0).abs().max() > 1e-2  # the steps moved the weights
+        torch.testing.assert_close(p.detach(), q.detach(), atol=1e-6, rtol=0)
+
+
+def test_paged_adamw_8bit_is_bitsandbytes_and_minimises():
+    import bitsandbytes as bnb
+    p = torch.nn.Parameter(torch.full((64, 80), 3.0))
+    opt = build_optimizer([p], "paged_adamw_8bit", lr=0.1)
+    assert isinstance(opt, bnb.optim.PagedAdamW8bit)
+    for _ in range(30):
+        opt.zero_grad()
+        (p ** 2).sum().backward()
+        opt.step()
+    assert p.abs().mean() < 1.0
+
+
+def test_optimizer_state_round_trip_continues_identically():
+    kw = dict(lr=1e-2, weight_decay=0.05)
+    opt, params = _run("paged_adamw_32bit", steps=3, **kw)
+    saved = opt.state_dict()
+    copy = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = build_optimizer(copy, "paged_adamw_32bit", **kw)
+    opt2.load_state_dict(saved)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=g) for p in params]
+        for o, ps in ((opt, params), (opt2, copy)):
+            for p, gr in zip(ps, grads):
+                p.grad = gr.clone()
+            o.step()
+    for p, q in zip(params, copy):
+        assert torch.equal(p, q)
+
+
+def test_unknown_optimizer_and_no_trainable_parameters_are_refused():
+    with pytest.raises(ValueError, match="optimizer 'sgd'"):
+        build_optimizer(_params(), "sgd", lr=1e-3)
+    frozen = [torch.nn.Parameter(torch.zeros(3), requires_grad=False)]
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        build_optimizer(frozen, "adamw_torch", lr=1e-3)
+
+
+@pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "linear", "cosine"])
+@pytest.mark.parametrize("warmup, total", [(0, 10), (3, 10), (30, 1000), (10, 10)])
+def test_schedules_equal_transformers(name, warmup, total):
+    import transformers
+    ref_fn = {"constant": lambda o: transformers.get_constant_schedule(o),
+              "constant_with_warmup": lambda o: transformers.get_constant_schedule_with_warmup(o, warmup),
+              "linear": lambda o: transformers.get_linear_schedule_with_warmup(o, warmup, total),
+              "cosine": lambda o: transformers.get_cosine_schedule_with_warmup(o, warmup, total)}[name]
+    lrs = []
+    for make in (lambda o: build_scheduler(o, name, warmup, total), ref_fn):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
+        sched = make(opt)
+        seq = []
+        for _ in range(total + 2):
+            seq.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+        lrs.append(seq)
+    assert lrs[0] == pytest.approx(lrs[1], rel=1e-12, abs=1e-15)
+    if name != "constant" and warmup:
+        assert lrs[0][0] == 0.0  # warmup starts at 0
+
+
+def test_warmup_steps_follow_transformers():
+    from transformers import TrainingArguments
+    for total, ratio in ((1000, 0.03), (7, 0.03), (10000, 0.1)):
+        # transformers 5 spells a ratio as a fractional warmup_steps
+        ref = TrainingArguments(output_dir="unused", warmup_steps=ratio, report_to="none").get_warmup_steps(total)
+        assert warmup_steps_for(total, 0, ratio) == ref == math.ceil(total * ratio)
+    assert warmup_steps_for(1000, 5, 0.03) == 5  # explicit steps win
+
+
+def test_constant_schedule_says_it_ignores_warmup():
+    assert "ignored" in describe_schedule("constant", 300, 0.03, 0)
+    assert "ignored" not in describe_schedule("constant", 0, 0.0, 0)
+    assert "300 warmup steps" in describe_schedule("linear", 300, 0.03, 0)
