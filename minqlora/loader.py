@@ -11,11 +11,11 @@ Checked against transformers' `save_pretrained` output in tests/test_loader.py.
 from __future__ import annotations
 
 import json
+import mmap
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -52,19 +52,58 @@ def weight_files(folder: Path) -> list[Path]:
                     "pytorch_model.bin or pytorch_model.bin.index.json)")
 
 
+# safetensors dtype names -> torch dtypes (the format's header spells them like this)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path: Path):
+    """Yield (name, tensor) from a .safetensors file, reading one tensor's bytes at a time.
+
+    safetensors' own safe_open memory-maps the whole shard, and every page it has read stays resident
+    in this process until the file is closed: peak memory would be the largest shard plus the 4-bit
+    model. Plain reads keep one tensor in memory at a time. Format: an 8-byte little-endian header
+    length, a JSON header {name: {dtype, shape, data_offsets}}, then the data.
+    """
+    with open(path, "rb") as f:
+        size = path.stat().st_size
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else size
+        if n > size - 8:
+            raise LoadError(f"{path}: cannot read (the header says {n} bytes; the file has {size})")
+        header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            start, end = info["data_offsets"]
+            if 8 + n + end > size:
+                raise LoadError(f"{path}: cannot read tensor {name!r}: the file ends at byte {size}, "
+                                f"the tensor at {8 + n + end} (a truncated download?)")
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise LoadError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which minqlora cannot read")
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            if end == start:
+                yield name, torch.empty(info["shape"], dtype=dtype)
+                continue
+            # An anonymous mapping of its own per tensor, returned to the OS when the tensor is freed;
+            # malloc'd buffers would leave the heap fragmented, holding the freed 16-bit bytes.
+            buf = mmap.mmap(-1, end - start, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+            f.seek(8 + n + start)
+            f.readinto(buf)
+            yield name, torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+
+
 def read_tensors(path: Path):
     """Yield (name, tensor) one at a time, so only one tensor is materialised at once."""
     try:
         if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
+            yield from read_safetensors(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             yield from state.items()
     except LoadError:
         raise
-    except Exception as e:  # a truncated or corrupt shard: safetensors/torch say why
+    except Exception as e:  # a corrupt file: say which, and what the reader said
         raise LoadError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
 
 

@@ -7,13 +7,7 @@ from pathlib import Path
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-
-LLAMA2_TOKENIZER_CONFIG = {
-    "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-    "pad_token": None, "add_bos_token": True, "add_eos_token": False, "legacy": False,
-    "clean_up_tokenization_spaces": False, "model_max_length": 4096,
-}
+from _tiny import LLAMA2_TOKENIZER_CONFIG, SHARED, train_sp_tokenizer  # noqa: F401 (SHARED: for test_data)
 
 CORPUS = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
@@ -26,17 +20,7 @@ CORPUS = [
 
 def write_llama_tokenizer(folder: Path, vocab_size: int = 420) -> Path:
     """Train a byte-fallback BPE SentencePiece model (Llama-2's ids: unk 0, bos 1, eos 2) into `folder`."""
-    import sentencepiece as spm
-
-    folder.mkdir(parents=True, exist_ok=True)
-    corpus = folder / "corpus.txt"
-    corpus.write_text("\n".join(CORPUS * 20) + "\n", encoding="utf-8")
-    spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(folder / "tokenizer"), model_type="bpe", vocab_size=vocab_size,
-        byte_fallback=True, character_coverage=0.98, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity", split_digits=True, minloglevel=2)
-    (folder / "tokenizer.vocab").unlink()
-    corpus.unlink()
+    train_sp_tokenizer(folder, CORPUS * 20, vocab_size, from_file=True, character_coverage=0.98)
     (folder / "tokenizer_config.json").write_text(json.dumps(LLAMA2_TOKENIZER_CONFIG), encoding="utf-8")
     return folder
 

@@ -8,15 +8,9 @@ from pathlib import Path
 
 import torch
 
-from _tiny import hf_model
+from _tiny import LLAMA2_TOKENIZER_CONFIG, SHARED, hf_model, train_sp_tokenizer  # noqa: F401 (SHARED: for test_perplexity)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-LLAMA2_TOKENIZER_CONFIG = {
-    "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-    "pad_token": None, "add_bos_token": True, "add_eos_token": False, "legacy": False,
-    "clean_up_tokenization_spaces": False, "model_max_length": 4096,
-}
 CORPUS = [
     "你是人工智慧助理，以下是用戶和人工智能助理之間的對話。你要對用戶的問題提供有用、安全、詳細和禮貌的回答。"
     "USER: 翻譯成文言文：\n我今天要去京城。\n答案： ASSISTANT: 吾今日將往京師。",
@@ -32,15 +26,7 @@ def write_json(path, obj):
 
 
 def train_tokenizer(folder: Path, vocab_size: int = 400) -> Path:
-    import sentencepiece as spm
-
-    lines = [line for text in CORPUS * 20 for line in text.split("\n")]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(folder / "tokenizer"), model_type="bpe",
-        vocab_size=vocab_size, byte_fallback=True, character_coverage=1.0, split_digits=True,
-        add_dummy_prefix=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
-    (folder / "tokenizer.vocab").unlink()
+    train_sp_tokenizer(folder, CORPUS * 20, vocab_size, character_coverage=1.0, hard_vocab_limit=False, num_threads=1)
     write_json(folder / "tokenizer_config.json", LLAMA2_TOKENIZER_CONFIG)
     return folder
 

@@ -5,7 +5,6 @@ folders (a converted Llama one, a hub-style legacy Llama one, a byte-level BPE l
 when ../shared is present, the real Llama-2 tokenizer over the course's public_test.json.
 Reading a bare tokenizer.model, transformers needs the protobuf package.
 """
-import io
 import json
 import shutil
 from pathlib import Path
@@ -17,15 +16,11 @@ from transformers import AutoTokenizer
 
 from minqlora.tokenizer import Tokenizer
 
+from _tiny import LLAMA2_TOKENIZER_CONFIG, SHARED, train_sp_tokenizer
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 COURSE_PROMPT = ("你是人工智慧助理，以下是用戶和人工智能助理之間的對話。你要對用戶的問題提供有用、安全、詳細和禮貌的回答。"
                  "USER: {instruction} ASSISTANT:")
-LLAMA2_TOKENIZER_CONFIG = {
-    "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-    "pad_token": None, "add_bos_token": True, "add_eos_token": False, "legacy": False,
-    "clean_up_tokenization_spaces": False, "model_max_length": 4096,
-}
 CORPUS = [
     "QLoRA fine-tunes a 4-bit quantized language model with low-rank adapters.",
     "The quick brown fox jumps over the lazy dog, then sleeps for 12 hours.",
@@ -51,16 +46,9 @@ def write_json(path, obj):
 
 def train_sentencepiece(folder, vocab_size=600):
     """A Llama-2-like BPE SentencePiece model (byte fallback, identity normalization) in `folder`."""
-    lines = [line for text in CORPUS * 20 for line in text.split("\n")]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
-        byte_fallback=True, character_coverage=1.0, split_digits=True, add_dummy_prefix=True,
-        normalization_rule_name="identity", remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2,
-        pad_id=-1, num_threads=1, shuffle_input_sentence=False, minloglevel=2)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tokenizer.model").write_bytes(buf.getvalue())
+    train_sp_tokenizer(folder, CORPUS * 20, vocab_size, in_memory=True, character_coverage=1.0,
+                       allow_whitespace_only_pieces=True, hard_vocab_limit=False, num_threads=1,
+                       shuffle_input_sentence=False)
     write_json(folder / "tokenizer_config.json", LLAMA2_TOKENIZER_CONFIG)
     return folder
 
