@@ -21,14 +21,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_dir, atomic_file, atomic_path
 from .lora import LoRALinear, apply_lora, lora_modules, target_module_names
 
 CONFIG_NAME = "adapter_config.json"
@@ -59,12 +58,11 @@ def _target_modules_for_config(model: nn.Module, wrapped: list[str]) -> list[str
 
 
 def _write_files(folder: Path, tensors: dict, config: dict):
-    st, cfg = folder / SAFETENSORS_NAME, folder / CONFIG_NAME
-    save_file(tensors, str(st), metadata={"format": "pt"})
-    cfg.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    for p in (st, cfg):
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
+    """Each file under a temporary name, then renamed: the pair is never seen half-written."""
+    with atomic_path(folder / SAFETENSORS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    with atomic_file(folder / CONFIG_NAME) as f:
+        f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def save_adapter(
@@ -120,30 +118,17 @@ def save_adapter(
         "revision": None,
     }
 
-    # Atomic: build the folder under a temporary name next to out_dir, then rename it.
+    # A new folder is built under a temporary name and renamed. An existing one may hold other files
+    # (a training run's output_dir, a checkpoint): our two files are replaced one by one, atomically.
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     if not out_dir.exists():
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        try:
+        with atomic_dir(out_dir) as tmp:
             _write_files(tmp, tensors, config)
-            os.replace(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     else:
-        # An existing folder may hold other files (optimizer state, ...): replace our two files
-        # one by one, each written under a temporary name and renamed.
-        tmp = Path(tempfile.mkdtemp(prefix=".adapter.tmp-", dir=out_dir))
-        try:
-            _write_files(tmp, tensors, config)
-            for name in (SAFETENSORS_NAME, CONFIG_NAME):
-                os.replace(tmp / name, out_dir / name)
-            stale_bin = out_dir / BIN_NAME
-            if stale_bin.exists():  # peft would prefer our safetensors anyway; don't leave a stale .bin
-                stale_bin.unlink()
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        _write_files(out_dir, tensors, config)
+        stale_bin = out_dir / BIN_NAME
+        if stale_bin.exists():  # peft would prefer our safetensors anyway; don't leave a stale .bin
+            stale_bin.unlink()
     return out_dir
 
 

@@ -2,12 +2,14 @@
 
 Everything minqlora writes for later use (adapters, checkpoints, predictions, merged models) goes to
 a temporary name beside its destination and is renamed into place once complete; rename is atomic
-on one filesystem, so readers see the old version or the new one, never a mixture.
+on one filesystem, so readers see the old version or the new one, never a mixture. Results get the
+ordinary permissions of a new file (0666/0777 less the umask), not the private ones of a temporary.
 """
 import contextlib
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 
@@ -23,7 +25,7 @@ def atomic_dir(dest):
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
     except BaseException:
@@ -31,7 +33,7 @@ def atomic_dir(dest):
         raise
     old = None
     if dest.exists():  # move the old one aside first: os.replace cannot overwrite a non-empty folder
-        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:12]}"
         os.replace(dest, old)
     os.replace(tmp, dest)
     if old is not None:
@@ -39,18 +41,28 @@ def atomic_dir(dest):
 
 
 @contextlib.contextmanager
-def atomic_file(dest, mode="w", encoding="utf-8"):
-    """Yield an open temporary file; on success it replaces `dest`, else it is removed."""
+def atomic_path(dest):
+    """Yield a temporary file name beside `dest` for a writer that wants a path (e.g. safetensors'
+    save_file); on success it is synced and renamed to `dest`, else removed."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result is an ordinary file
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
-            yield f
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
     os.replace(tmp, dest)
+
+
+@contextlib.contextmanager
+def atomic_file(dest, mode="w", encoding="utf-8"):
+    """Yield an open temporary file; on success it replaces `dest`, else it is removed."""
+    with atomic_path(dest) as tmp:
+        with open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
+            yield f

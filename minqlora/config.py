@@ -32,8 +32,8 @@ class LlamaConfig:
     num_key_value_heads: int | None = None  # None: same as num_attention_heads (no GQA)
     head_dim: int | None = None  # None: hidden_size // num_attention_heads
     vocab_size: int = 32000
-    max_position_embeddings: int = 4096
-    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 2048  # defaults are transformers' LlamaConfig's, for keys a file omits
+    rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # transformers < 5 spelling
     rope_parameters: dict | None = None  # transformers >= 5 spelling (holds rope_theta too)

@@ -146,7 +146,7 @@ def run_ppl(margs: ModelArgs, args: PplArgs) -> list[float]:
         p = FewShotPrompt(prompt, shots) if shots else prompt
         values = perplexities(model, tokenizer, [test[i] for i in scored], p,
                               batch_size=args.batch_size, max_length=args.max_length,
-                              progress=args.progress)
+                              progress=args.progress, source=args.test_data_path)
         means.append(mean_perplexity(values))
         for i, v in zip(scored, values):
             rows.append({**({"draw": r} if len(draws) > 1 else {}),

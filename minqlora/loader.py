@@ -19,7 +19,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, atomic_path
 from .config import LlamaConfig
 from .model import LlamaForCausalLM
 from .nf4 import quantize_linear_weight
@@ -190,7 +190,8 @@ def save_checkpoint(state_dict: dict, cfg: LlamaConfig, out_dir, *, max_shard_by
         for i, shard in enumerate(shards, 1):
             fname = (f"model-{i:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1
                      else "model.safetensors")
-            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+            with atomic_path(tmp / fname) as path:  # also gives the file ordinary permissions
+                save_file(shard, str(path), metadata={"format": "pt"})
             for name, t in shard.items():
                 weight_map[name] = fname
                 total += t.numel() * t.element_size()

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from .atomic import atomic_file
-from .generate import eval_mode
+from .generate import PromptTooLongError, eval_mode
 from .loss import IGNORE_INDEX, token_nll
 
 
@@ -55,17 +55,26 @@ def _batch(rows, pad_id, device):
 
 @torch.inference_mode()
 def perplexities(model, tokenizer, records, prompt, *, batch_size: int = 8, max_length: int = 2048,
-                 progress: bool = True) -> list[float]:
+                 progress: bool = True, source: str | None = None) -> list[float]:
     """Each record's perplexity of its `output` given `prompt(record)`, in record order.
 
     `prompt` is a prompts.Prompt (or any callable record -> str, e.g. a fewshot.FewShotPrompt).
     The model is scored in eval mode and put back in training mode afterwards if it was training.
+    An example longer than the model's context is refused, naming `source` (the file) and the record.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be at least 1")
     if max_length < 2:
         raise ValueError(f"max_length={max_length}: must be at least 2")
     rows = [encode_example(tokenizer, prompt(r), r["output"], max_length) for r in records]
+    ctx = model.config.max_position_embeddings
+    for i, (ids, _) in enumerate(rows):
+        if len(ids) > ctx:
+            rid = records[i].get("id")
+            raise PromptTooLongError(
+                (f"{source}: " if source else "") + f"record {i}" + (f" (id {rid!r})" if rid is not None else "") + f" has {len(ids)} tokens "
+                f"(prompt + output, cut at max_length={max_length}); the model's context "
+                f"(max_position_embeddings) is {ctx}: lower --max_length to {ctx} or shorten the prompt")
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]), reverse=True)
     device = model.lm_head.weight.device
     out = [math.nan] * len(rows)

@@ -7,6 +7,7 @@ qlora.py's strings in tests/test_data.py.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 COURSE = ("你是人工智慧助理，以下是用戶和人工智能助理之間的對話。你要對用戶的問題提供有用、安全、"
@@ -17,6 +18,7 @@ ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an i
 ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that "
                    "appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response: ")
 NAMES = ("course", "alpaca", "input-output")
+PLACEHOLDER = re.compile(r"\{(instruction|input)\}")
 
 
 class Prompt:
@@ -45,5 +47,5 @@ class Prompt:
             if record.get("input", ""):
                 return ALPACA_INPUT.format(instruction=record["instruction"], input=record["input"])
             return ALPACA_NO_INPUT.format(instruction=record["instruction"])
-        return self.template.replace("{instruction}", record.get("instruction", "")).replace(
-            "{input}", record.get("input", ""))
+        # One pass, so a "{input}" inside the instruction's own text stays as it is.
+        return PLACEHOLDER.sub(lambda m: record.get(m.group(1), ""), self.template)

@@ -144,7 +144,7 @@ def bad_cases(tmp_path, folder):
         (both, "no_instruction.json", [], r"no_instruction\.json: record 1 \(id 'b7'\) has no 'instruction'"),
         (ppl, "no_output.json", [], r"no_output\.json: record 1 \(id 'b8'\) has no 'output'"),
         (both, "dup.json", [], r"dup\.json: record 2 \(id 'a1'\): duplicate id, first at record 0"),
-        (pred, "too_long.json", [], r"too_long\.json: record 1 \(id 'long1'\) has \d+ tokens.* is 384"),
+        (both, "too_long.json", [], r"too_long\.json: record 1 \(id 'long1'\) has \d+ tokens.* is 384"),
         (both, "good.json", ["--peft_path", str(mismatched)], r"bad_adapter.*shape"),
         (both, "good.json", ["--peft_path", str(tmp_path / "nowhere")], r"nowhere.*adapter_config\.json"),
         (both, "good.json", ["--prompt_template", "nope"], r"--prompt_template: .*'nope'"),

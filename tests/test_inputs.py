@@ -24,7 +24,7 @@ def test_prompts():
 def test_prompt_file(tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("Q: {instruction}\nA:\n")
-    assert Prompt(str(f))({"instruction": "hi {x}"}) == "Q: hi {x}\nA:"
+    assert Prompt(str(f))({"instruction": "hi {x} {input}"}) == "Q: hi {x} {input}\nA:"
     f.write_text("no placeholder")
     with pytest.raises(ValueError, match="needs an {instruction} placeholder"):
         Prompt(str(f))

