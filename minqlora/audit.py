@@ -68,6 +68,19 @@ def audit(records, tok, prompt, *, source_max_len, target_max_len, name="train")
     return {"name": name, "records": len(records), "source": src, "target": tgt, "warnings": warnings}
 
 
+def context_warning(source_max_len: int, target_max_len: int, context: int | None, longest: int) -> str | None:
+    """A warning when the longest example the limits allow, source_max_len + target_max_len tokens, does
+    not fit the model's context (max_position_embeddings); `longest` is the longest example of this data."""
+    if context is None or source_max_len + target_max_len <= context:
+        return None
+    fits = "within the context" if longest <= context else "LONGER than the context"
+    return (f"WARNING: --source_max_len {source_max_len} + --target_max_len {target_max_len} = "
+            f"{source_max_len + target_max_len} tokens is more than the model's context (max_position_embeddings "
+            f"{context}): the longest example these limits allow would run past the positions the model knows. "
+            f"The longest example of this data is {longest} tokens ({fits}). Keep the two flags' sum at most "
+            f"{context}.")
+
+
 def _longest(records, src_len, tgt_len, k=3):
     """The k longest prompts and outputs as "id: tokens" (the index in `records` when there is no id),
     to find the records that set p99 and max."""

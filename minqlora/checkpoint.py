@@ -4,18 +4,24 @@ A checkpoint folder `OUTPUT_DIR/checkpoint-N` (N optimizer steps done) holds
     adapter_config.json, adapter_model.safetensors   the LoRA weights, in peft's format (adapter.py),
                                                      loadable by peft and by the course's ppl.py --peft_path
     trainer_state.pt     optimizer, LR scheduler, gradient scaler and RNG states (python, numpy, torch, cuda)
-    trainer_state.json   step, data order (epoch, micro-batch position), best eval, log accumulators, flags
+    trainer_state.json   step, data order (epoch, micro-batch position), best eval, log accumulators, flags,
+                         the LR schedule (type, total and warmup steps, scheduler steps taken)
 and is written under a temporary name and renamed (atomic.py), so a kill mid-write leaves the previous
 checkpoints intact and never a half-written one. The layout follows transformers' Trainer
 (checkpoint-N, trainer_state.json, rotation by save_total_limit keeping the best); the adapter files
 sit in the folder itself rather than in qlora.py's `checkpoint-N/adapter_model/` subfolder.
+On resume the optimizer's moments come back but not its hyperparameters or the scheduler's state:
+the LR is derived from this run's schedule at the saved scheduler step (optim.fast_forward).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +38,37 @@ RUN_FILES = ("log.jsonl", "run_config.json", "completed", "curves.png", "curves.
              SAFETENSORS_NAME, BEST)
 
 
+# Flags whose change on resume makes the continuation differ from an uninterrupted run: warned about.
+ORDER_FLAGS = ("dataset", "dataset_format", "source_max_len", "target_max_len", "per_device_train_batch_size",
+               "gradient_accumulation_steps", "seed", "data_seed", "group_by_length", "learning_rate",
+               "lr_scheduler_type", "loss_normalization", "lora_dropout", "bits", "bf16", "fp16", "optim",
+               "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay", "max_grad_norm")
+
+
 class CheckpointError(ValueError):
     pass
+
+
+def flag_changes(saved_args: dict, now: dict, where) -> list[str]:
+    """Warnings for the ORDER_FLAGS whose value differs between a checkpoint's run and this one."""
+    return [f"warning: --{k} was {saved_args[k]!r} in {where}, now {now[k]!r}: the continuation differs from "
+            "an uninterrupted run" for k in ORDER_FLAGS if k in saved_args and saved_args[k] != now[k]]
+
+
+@contextlib.contextmanager
+def defer_sigint():
+    """Hold Ctrl-C back while parameters and optimizer state change, so a checkpoint is never torn."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def list_checkpoints(output_dir) -> list[tuple[int, Path]]:
@@ -64,28 +99,36 @@ def find_checkpoint(spec: str, output_dir) -> Path:
     return path
 
 
-def check_output_dir(output_dir, *, overwrite: bool, resuming: bool) -> list[str]:
+def check_output_dir(output_dir, *, overwrite: bool, resuming: bool, resume_from=None) -> list[str]:
     """The previous run's files in output_dir that this run would replace; refuse a folder that holds
-    another run unless overwriting or resuming. Changes nothing."""
+    another run unless overwriting, or resuming that run (`resume_from` None or a checkpoint inside
+    output_dir). Changes nothing."""
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--output_dir {out} is a file")
     found = sorted(p.name for p in (out.iterdir() if out.is_dir() else [])
                    if p.name in RUN_FILES or re.fullmatch(rf"{PREFIX}\d+", p.name))
-    if not found or resuming:
+    here = resuming and (resume_from is None or Path(resume_from).resolve().parent == out.resolve())
+    if not found or here:
         return []
     if not overwrite:
         shown = ", ".join(found[:6]) + (" ..." if len(found) > 6 else "")
+        if resuming:
+            raise CheckpointError(
+                f"--output_dir {out} holds another run ({shown}), not the one --resume_from_checkpoint "
+                f"{resume_from} belongs to ({Path(resume_from).parent}); continuing into it would mix the two "
+                "runs' logs and checkpoints. Use that run's folder as --output_dir, an empty --output_dir, or "
+                f"--overwrite_output_dir to delete the run in {out}")
         raise CheckpointError(
             f"--output_dir {out} holds another run ({shown}). Continue it with --resume_from_checkpoint "
             "latest, choose another --output_dir, or pass --overwrite_output_dir to delete it")
     return found
 
 
-def prepare_output_dir(output_dir, *, overwrite: bool, resuming: bool) -> list[str]:
+def prepare_output_dir(output_dir, *, overwrite: bool, resuming: bool, resume_from=None) -> list[str]:
     """check_output_dir, then delete the previous run's files (--overwrite_output_dir) and create the folder."""
     out = Path(output_dir)
-    found = check_output_dir(out, overwrite=overwrite, resuming=resuming)
+    found = check_output_dir(out, overwrite=overwrite, resuming=resuming, resume_from=resume_from)
     for name in found:
         p = out / name
         shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -93,6 +136,12 @@ def prepare_output_dir(output_dir, *, overwrite: bool, resuming: bool) -> list[s
     if resuming:
         (out / "completed").unlink(missing_ok=True)  # written again when this run completes
     return found
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def rng_state() -> dict:
@@ -131,8 +180,10 @@ def save_training_checkpoint(output_dir, step: int, model, *, lora: dict, optimi
     return dest
 
 
-def load_training_checkpoint(path, model, *, optimizer, scheduler, scaler) -> tuple[dict, dict]:
-    """Load adapter, optimizer, scheduler and scaler states in place; return (state json, rng state)."""
+def load_training_checkpoint(path, model, *, optimizer, scaler) -> tuple[dict, dict]:
+    """Load adapter, optimizer and scaler states in place; return (state json, rng state). The
+    scheduler's state is not loaded (the caller derives it: optim.fast_forward), and the optimizer's
+    hyperparameters are the caller's to set again from its flags."""
     path = Path(path)
     try:
         state = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
@@ -145,7 +196,6 @@ def load_training_checkpoint(path, model, *, optimizer, scheduler, scaler) -> tu
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: optimizer state does not fit this run (different --optim or LoRA "
                               f"layout?): {e}") from None
-    scheduler.load_state_dict(blob["scheduler"])
     if scaler is not None and blob.get("scaler"):
         scaler.load_state_dict(blob["scaler"])
     return state, blob["rng"]
@@ -172,6 +222,44 @@ def save_best(output_dir, model, *, lora: dict, info: dict) -> Path:
         save_adapter(model, tmp, **lora)
         (tmp / "best.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return dest
+
+
+def _best_step(folder):
+    try:
+        return json.loads((Path(folder) / "best.json").read_text(encoding="utf-8"))["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def reconcile_best(output_dir, resume, state: dict) -> tuple[str | None, bool]:
+    """Make OUTPUT_DIR/best the resumed state's best (state["best_step"]). best/ can be newer than the
+    checkpoint (resuming from an older one after a later best) or absent (resuming into another folder).
+    It is restored from checkpoint-{best_step} or from the checkpoint's own run's best/ where either
+    holds that step's adapter, else removed. Returns (a note to print or None, whether the state's best
+    is on disk in best/); when it is not, the caller forgets it and the next evaluation starts a new best."""
+    out, resume = Path(output_dir), Path(resume)
+    best, step = out / BEST, state.get("best_step")
+    have = _best_step(best) if best.exists() else None
+    if step is None or have == step:
+        if step is None and best.exists():
+            shutil.rmtree(best)
+            return f"note: removed {best} (step {have}): {resume} was written before any best", True
+        return None, True
+    was = f"{best} held step {have}" if best.exists() else f"{best} was missing"
+    for src in (resume.parent / f"{PREFIX}{step}", resume.parent / BEST):
+        if (src / SAFETENSORS_NAME).is_file() and (src / CONFIG_NAME).is_file() and \
+                (src.name != BEST or _best_step(src) == step):
+            with atomic_dir(best) as tmp:
+                for name in (CONFIG_NAME, SAFETENSORS_NAME):
+                    shutil.copy2(src / name, tmp / name)
+                info = {"step": step, "eval_ppl": state.get("best_ppl"), "eval_loss": state.get("best_loss"),
+                        "restored_from": str(src)}
+                (tmp / "best.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+            return f"note: {was}; restored the best of {resume} (step {step}) from {src}", True
+    if best.exists():
+        shutil.rmtree(best)
+    return (f"note: {was}; the best of {resume} (step {step}) is no longer on disk (its checkpoint was rotated "
+            f"away), so {best} is removed and the next evaluation starts a new best"), False
 
 
 def save_final(output_dir, model, *, lora: dict, summary: dict):

@@ -28,14 +28,16 @@ def _step_of(line):
 
 
 class RunLog:
-    """log.jsonl: one JSON object per line, flushed at once; on resume, lines after the checkpoint go."""
+    """log.jsonl: one JSON object per line, flushed at once; on resume, lines after the checkpoint go
+    (the cut log is written under a temporary name and renamed: a kill then loses no line)."""
 
     def __init__(self, path, keep_until_step=None):
         self.path = Path(path)
         if keep_until_step is not None and self.path.exists():
             lines = self.path.read_text(encoding="utf-8").splitlines()
             kept = [ln for ln in lines if _step_of(ln) <= keep_until_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+            with atomic_file(self.path) as f:
+                f.writelines(ln + "\n" for ln in kept)
         self.f = open(self.path, "a", encoding="utf-8")
 
     def write(self, **rec):

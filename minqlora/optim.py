@@ -10,6 +10,9 @@ Schedules are transformers' (optimization.py) formulas as LambdaLR multipliers o
 indexed by the number of optimizer steps taken; checked against transformers' get_*_schedule* in
 tests/test_optim.py. Note transformers' `constant` has no warmup at all, even with --warmup_ratio:
 qlora.py's defaults (constant, warmup_ratio 0.03) therefore train at the full LR from step 1.
+A resumed run does not restore the saved schedule: it puts this run's schedule (its --max_steps,
+warmup and --learning_rate) at the saved position (`fast_forward`), so the flags of the resumed run
+decide the LR from its first step.
 """
 from __future__ import annotations
 
@@ -85,9 +88,40 @@ def lr_lambda(name: str, num_warmup_steps: int, num_training_steps: int):
     raise ValueError(f"lr_scheduler_type {name!r}: expected one of {', '.join(SCHEDULES)}")
 
 
+# Which of (total steps, warmup steps) each schedule's LR depends on.
+DEPENDS = {"constant": (), "constant_with_warmup": ("warmup_steps",), "linear": ("total_steps", "warmup_steps"),
+           "cosine": ("total_steps", "warmup_steps")}
+
+
 def build_scheduler(optimizer, name: str, num_warmup_steps: int, num_training_steps: int) -> LambdaLR:
     """LambdaLR: after k optimizer steps (and k scheduler steps) the LR is peak * f(k)."""
     return LambdaLR(optimizer, lr_lambda(name, num_warmup_steps, num_training_steps))
+
+
+def fast_forward(scheduler: LambdaLR, step: int) -> float:
+    """Put `scheduler` and its optimizer where `step` scheduler steps would have: every param group's
+    lr = its peak (the scheduler's base_lrs, i.e. this run's --learning_rate) * f(step). Returns that lr.
+    On resume the LR is derived this way, never restored, so it always follows this run's schedule."""
+    scheduler.last_epoch = step
+    lrs = [base * f(step) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, base, lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, lrs):
+        group["initial_lr"], group["lr"] = base, lr
+    scheduler._last_lr = lrs  # what get_last_lr() returns
+    return lrs[0]
+
+
+def schedule_change(name: str, saved: dict | None, now: dict) -> str | None:
+    """A warning when the total or warmup steps that `name`'s LR depends on differ between the
+    checkpoint's schedule (`saved`: {"total_steps", "warmup_steps"}) and this run's; else None."""
+    if not saved or saved.get("type", name) != name:  # a changed type is warned about as a flag
+        return None
+    changed = [k for k in DEPENDS[name] if saved.get(k) is not None and saved[k] != now[k]]
+    if not changed:
+        return None
+    what = ", ".join(f"{k.replace('_', ' ')} {saved[k]} -> {now[k]}" for k in changed)
+    return (f"warning: the {name} LR schedule changed on resume ({what}: --max_steps, --num_train_epochs, "
+            "--warmup_steps or --warmup_ratio differ): the steps done so far followed the old schedule, the "
+            "next ones follow the new one")
 
 
 def describe_schedule(name: str, num_warmup_steps: int, warmup_ratio: float, warmup_steps: int) -> str:

@@ -221,6 +221,12 @@ def validate(a: RunArgs) -> RunArgs:
                  "logging_steps", "save_steps", "eval_steps", "lora_r"):
         if getattr(t, name) < 1:
             raise ArgsError(f"--{name} must be at least 1, got {getattr(t, name)}")
+    for name, special in (("source_max_len", "BOS"), ("target_max_len", "EOS")):
+        if getattr(d, name) < 1:
+            raise ArgsError(f"--{name} {getattr(d, name)}: must be at least 1 (it counts the {special} token)")
+    for name in ("max_train_samples", "max_eval_samples"):
+        if getattr(d, name) is not None and getattr(d, name) < 0:
+            raise ArgsError(f"--{name} {getattr(d, name)}: must be at least 0 (or None: all)")
     if t.max_steps <= 0 and t.num_train_epochs <= 0:
         raise ArgsError("--max_steps <= 0 and --num_train_epochs <= 0: nothing to train")
     if not 0 <= t.lora_dropout < 1:

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import math
 
-from .audit import audit
+from .audit import audit, context_warning
 from .data import build_examples, load_dataset, split_train_eval
 from .prompts import Prompt
 from .records import DataError
 from .train_args import RunArgs
 
 
-def prepare_data(a: RunArgs, tok, progress):
-    """Records -> (train examples, eval examples, eval records, audits); qlora.py's make_data_module."""
+def prepare_data(a: RunArgs, tok, progress, context: int | None = None):
+    """Records -> (train examples, eval examples, eval records, audits); qlora.py's make_data_module.
+    `context`: the model's max_position_embeddings, for the warning on limits that exceed it."""
     d, t = a.data, a.train
     try:
         records = load_dataset(d.dataset, d.dataset_format)
@@ -48,6 +49,11 @@ def prepare_data(a: RunArgs, tok, progress):
     ex = dict(**lim, train_on_source=t.train_on_source, progress=progress)
     train_ex = build_examples(records, tok, prompt, **ex)
     eval_ex = build_examples(eval_records, tok, prompt, **ex) if eval_records else None
+    warning = context_warning(d.source_max_len, d.target_max_len, context,
+                              max(len(e.input_ids) for e in train_ex + (eval_ex or [])))
+    if warning:
+        print(warning)
+        audits[0]["warnings"].append(warning)
     return train_ex, eval_ex, eval_records, audits
 
 

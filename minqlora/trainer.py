@@ -10,7 +10,9 @@ examples. The loss of a step (--loss_normalization):
              equals one batch of K * B examples; the tokens are counted before the backward passes)
 K is the number of micro-batches in the step: gradient_accumulation_steps, except at the end of an
 epoch where fewer may remain. bf16/fp16 training sets the model's dtype (no autocast); the LoRA
-weights and the optimizer state stay fp32, and fp16 adds a gradient scaler.
+weights and the optimizer state stay fp32, and fp16 adds a gradient scaler; a step the scaler skips
+(inf/NaN gradients) does not advance the LR schedule, as in transformers' Trainer. A checkpoint is
+never written with non-finite LoRA weights.
 Checked against transformers + peft gradients and exact resume in tests/test_train.py.
 """
 from __future__ import annotations
@@ -18,24 +20,22 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
-import signal
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from .atomic import atomic_file
 from .config import LlamaConfig
 from .curves import RunLog, write_curves
 from .data import LengthGroupedSampler, RandomSampler, collate
 from .loader import load_model, weight_files
 from .lora import apply_lora, freeze_base
 from .loss import IGNORE_INDEX, causal_lm_loss
-from .optim import build_optimizer, build_scheduler, describe_schedule, quiet_cpu_paging, warmup_steps_for
+from .optim import (build_optimizer, build_scheduler, describe_schedule, fast_forward, quiet_cpu_paging,
+                    schedule_change, warmup_steps_for)
 from .perplexity import mean_perplexity, perplexities
 from .prompts import Prompt
 from .tokenizer import Tokenizer
@@ -48,14 +48,9 @@ MEMORY_HINT = ("out of GPU memory. Flags that lower memory: --per_device_train_b
                "--lora_r, --bf16, and --per_device_eval_batch_size for evaluation")
 
 
-# Flags whose change on resume makes the continuation differ from an uninterrupted run: warned about.
-ORDER_FLAGS = ("dataset", "dataset_format", "source_max_len", "target_max_len", "per_device_train_batch_size",
-               "gradient_accumulation_steps", "seed", "data_seed", "group_by_length", "learning_rate",
-               "lr_scheduler_type", "loss_normalization", "lora_dropout", "bits", "bf16", "fp16")
-
-
 class TrainingError(RuntimeError):
-    """Training could not go on (loss NaN/inf, out of memory); earlier checkpoints are kept."""
+    """Training could not go on (loss or weights NaN/inf, out of memory, an error mid-run); earlier
+    checkpoints are kept."""
 
 
 class Interrupted(Exception):
@@ -64,30 +59,8 @@ class Interrupted(Exception):
         self.step, self.path = step, path
 
 
-@contextlib.contextmanager
-def defer_sigint():
-    """Hold Ctrl-C back while parameters and optimizer state change, so a checkpoint is never torn."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught = []
-    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
-
-
 def say(msg):
     tqdm.write(msg)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 @torch.inference_mode()
@@ -132,10 +105,10 @@ def train(a: RunArgs, *, progress: bool = True) -> dict:
 
     # 1. Where the run goes, and where it resumes from.
     resume = ckpt.find_checkpoint(t.resume_from_checkpoint, out) if t.resume_from_checkpoint else None
-    LlamaConfig.from_json(m.model_name_or_path)  # cheap checks of the model folder before the data work
-    weight_files(Path(m.model_name_or_path))
-    ckpt.check_output_dir(out, overwrite=t.overwrite_output_dir, resuming=resume is not None)
-    seed_everything(t.seed)
+    context = LlamaConfig.from_json(m.model_name_or_path).max_position_embeddings  # cheap checks of the
+    weight_files(Path(m.model_name_or_path))  # model folder before the data work
+    ckpt.check_output_dir(out, overwrite=t.overwrite_output_dir, resuming=resume is not None, resume_from=resume)
+    ckpt.seed_everything(t.seed)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as qlora.py
         if dtype == torch.float32 and torch.cuda.is_bf16_supported():
@@ -144,7 +117,7 @@ def train(a: RunArgs, *, progress: bool = True) -> dict:
 
     # 2. Data: tokenised once, audited, split.
     tok = Tokenizer.from_dir(m.model_name_or_path)
-    train_ex, eval_ex, eval_records, audits = prepare_data(a, tok, progress)
+    train_ex, eval_ex, eval_records, audits = prepare_data(a, tok, progress, context=context)
     metric_prompt = Prompt(d.eval_prompt_template or d.dataset_format)
     sampler_cls = LengthGroupedSampler if t.group_by_length else RandomSampler
     group = t.per_device_train_batch_size * t.gradient_accumulation_steps
@@ -163,36 +136,48 @@ def train(a: RunArgs, *, progress: bool = True) -> dict:
                    base_model_name_or_path=m.model_name_or_path)
     params = [p for p in model.parameters() if p.requires_grad]
     # Inputs checked and the model loaded: only now may a previous run's files go (--overwrite_output_dir).
-    removed = ckpt.prepare_output_dir(out, overwrite=t.overwrite_output_dir, resuming=resume is not None)
+    removed = ckpt.prepare_output_dir(out, overwrite=t.overwrite_output_dir, resuming=resume is not None,
+                                      resume_from=resume)
     if removed:
         say(f"--overwrite_output_dir: deleted the previous run's {', '.join(removed)} in {out}")
 
     # 4. Optimizer, schedule, and (fp16 only) the gradient scaler.
     quiet_cpu_paging()
-    opt = build_optimizer(params, t.optim, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                          eps=t.adam_epsilon, weight_decay=t.weight_decay)
+    hyper = dict(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay)
+    opt = build_optimizer(params, t.optim, lr=t.learning_rate, **hyper)
     warmup = warmup_steps_for(total_steps, t.warmup_steps, t.warmup_ratio)
+    schedule = {"type": t.lr_scheduler_type, "total_steps": total_steps, "warmup_steps": warmup}
     sched = build_scheduler(opt, t.lr_scheduler_type, warmup, total_steps)
     say(describe_schedule(t.lr_scheduler_type, warmup, t.warmup_ratio, t.warmup_steps))
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
-    # 5. Resume: adapter, optimizer, schedule, RNG, data position, best-so-far, log accumulators.
-    st = dict(step=0, epoch=0, pos=0, best_step=None, best_ppl=None, bad_evals=0, last_eval_step=None,
-              acc_loss=0.0, acc_steps=0, acc_tokens=0, acc_time=0.0, elapsed=0.0)
+    # 5. Resume: adapter, optimizer moments, RNG, data position, best-so-far, log accumulators. The
+    # optimizer's hyperparameters and the LR come from this run's flags and schedule, at the saved position.
+    st = dict(step=0, epoch=0, pos=0, best_step=None, best_ppl=None, best_loss=None, bad_evals=0,
+              last_eval_step=None, acc_loss=0.0, acc_steps=0, acc_tokens=0, acc_time=0.0, elapsed=0.0)
     if resume is not None:
-        saved, rng = ckpt.load_training_checkpoint(resume, model, optimizer=opt, scheduler=sched, scaler=scaler)
-        now = a.to_dict()
-        for k in ORDER_FLAGS:
-            if k in saved.get("args", {}) and saved["args"][k] != now[k]:
-                say(f"warning: --{k} was {saved['args'][k]!r} in {resume}, now {now[k]!r}: "
-                    "the continuation differs from an uninterrupted run")
+        saved, rng = ckpt.load_training_checkpoint(resume, model, optimizer=opt, scaler=scaler)
+        for warning in ckpt.flag_changes(saved.get("args", {}), a.to_dict(), resume):
+            say(warning)
         st.update({k: saved[k] for k in st if k in saved})
+        for group in opt.param_groups:
+            group.update(hyper)
+        lr_now = fast_forward(sched, saved.get("schedule", {}).get("step", st["step"]))
+        warning = schedule_change(t.lr_scheduler_type, saved.get("schedule"), schedule)
+        if warning:
+            say(f"{warning} (step {st['step'] + 1}: lr {lr_now:.3g})")
         ckpt.set_rng_state(rng)
         order.epoch, order.pos = st["epoch"], st["pos"]
+        note, kept = ckpt.reconcile_best(out, resume, st)
+        if note:
+            say(note)
+        if not kept:
+            st.update(best_step=None, best_ppl=None, best_loss=None, bad_evals=0)
         say(f"resumed from {resume} at step {st['step']} (epoch {order.epoch_float()})")
-    log = RunLog(out / "log.jsonl", keep_until_step=st["step"] if resume is not None else None)
-    if resume is None:
-        with open(out / "run_config.json", "w", encoding="utf-8") as f:
+    fresh = resume is None or not (out / "log.jsonl").exists()  # a new run, or resumed into a new folder
+    log = RunLog(out / "log.jsonl", keep_until_step=None if fresh else st["step"])
+    if fresh:
+        with atomic_file(out / "run_config.json") as f:
             json.dump(a.to_dict(), f, indent=2)
         for au in audits:
             log.write(event="audit", **au)
@@ -205,9 +190,30 @@ def train(a: RunArgs, *, progress: bool = True) -> dict:
         return round(earlier + time.perf_counter() - start_time, 2)
 
     def state_json():
-        return {**st, "epoch": order.epoch, "pos": order.pos, "elapsed": elapsed(), "args": a.to_dict()}
+        return {**st, "epoch": order.epoch, "pos": order.pos, "elapsed": elapsed(), "args": a.to_dict(),
+                "schedule": {**schedule, "step": sched.last_epoch}}
+
+    def last_good():
+        found = ckpt.list_checkpoints(out)
+        return str(found[-1][1]) if found else "none"
+
+    def hint():
+        return (f"Try a lower --learning_rate (now {t.learning_rate:g}), a --max_grad_norm (now {t.max_grad_norm:g})"
+                + (", or --bf16 instead of --fp16" if t.fp16 else ""))
+
+    def check_finite(what):
+        if not bool(torch.stack([p.detach().isfinite().all() for p in params]).all()):
+            raise TrainingError(f"the LoRA weights are not finite after step {st['step']}: training stopped, "
+                                f"{what} not written. Last good checkpoint: {last_good()}. {hint()}")
+
+    def draw_curves():  # a plot that cannot be drawn never stops training
+        try:
+            write_curves(out / "log.jsonl", out / "curves.png", out / "curves.csv", title=str(out))
+        except (ValueError, OSError) as e:
+            say(f"warning: curves not redrawn ({e}); the numbers are in {out / 'log.jsonl'}")
 
     def save(step_rng):
+        check_finite(f"{ckpt.PREFIX}{st['step']}")
         path = ckpt.save_training_checkpoint(out, st["step"], model, lora=lora_kw, optimizer=opt, scheduler=sched,
                                              scaler=scaler, rng=step_rng, state=state_json())
         removed = ckpt.rotate(out, t.save_total_limit, keep={st["best_step"], st["step"]})
@@ -217,11 +223,12 @@ def train(a: RunArgs, *, progress: bool = True) -> dict:
     def evaluate():
         t0 = time.perf_counter()
         loss = eval_loss(model, eval_ex, t.per_device_eval_batch_size, tok.pad_id, device)
-        ppl = mean_perplexity(perplexities(model, tok, eval_records, metric_prompt,
-                                           batch_size=t.per_device_eval_batch_size, progress=False))
+        ppl = mean_perplexity(perplexities(  # the course cuts at 2048 tokens; never past the context
+            model, tok, eval_records, metric_prompt, batch_size=t.per_device_eval_batch_size,
+            max_length=min(2048, model.config.max_position_embeddings), progress=False))
         better = math.isfinite(ppl) and (st["best_ppl"] is None or ppl < st["best_ppl"])
         if better:
-            st.update(best_step=st["step"], best_ppl=ppl, bad_evals=0)
+            st.update(best_step=st["step"], best_ppl=ppl, best_loss=loss, bad_evals=0)
             info = {"step": st["step"], "eval_ppl": ppl, "eval_loss": loss}
             path = ckpt.save_best(out, model, lora=lora_kw, info=info)
             log.write(event="best", step=st["step"], path=str(path))
@@ -233,7 +240,7 @@ def train(a: RunArgs, *, progress: bool = True) -> dict:
         say(f"eval  step {st['step']} | eval_loss {loss:.4f} | eval_ppl {ppl:.4f}"
             + (f" | new best -> {path}" if better else
                f" | best {st['best_ppl'] or math.nan:.4f} at step {st['best_step']}"))
-        write_curves(out / "log.jsonl", out / "curves.png", out / "curves.csv", title=str(out))
+        draw_curves()
 
     def due(strategy, every, step):
         return (strategy == "steps" and step % every == 0) or (strategy == "epoch" and order.pos == 0)
@@ -255,20 +262,21 @@ def train(a: RunArgs, *, progress: bool = True) -> dict:
             # one sync per step: the loss for the bar and the log, and the NaN/inf check
             loss_v, norm_v, lr = step_loss.item(), grad_norm.item(), sched.get_last_lr()[0]
             if not math.isfinite(loss_v) or (scaler is None and not math.isfinite(norm_v)):
-                last = ckpt.list_checkpoints(out)
                 raise TrainingError(
                     f"the {'loss' if not math.isfinite(loss_v) else 'gradient norm'} is "
                     f"{loss_v if not math.isfinite(loss_v) else norm_v} at step {st['step'] + 1}: training stopped, "
-                    f"nothing was saved for this step. Last good checkpoint: "
-                    f"{last[-1][1] if last else 'none'}. Try a lower --learning_rate (now {t.learning_rate:g}), "
-                    f"a --max_grad_norm (now {t.max_grad_norm:g}), or --bf16 instead of --fp16")
-            with defer_sigint():  # the update and its bookkeeping happen entirely or not at all
-                if scaler:
+                    f"nothing was saved for this step. Last good checkpoint: {last_good()}. {hint()}")
+            with ckpt.defer_sigint():  # the update and its bookkeeping happen entirely or not at all
+                stepped = True
+                if scaler:  # it skips the update on inf/NaN gradients and lowers its scale
+                    scale = scaler.get_scale()
                     scaler.step(opt)
                     scaler.update()
+                    stepped = scaler.get_scale() >= scale
                 else:
                     opt.step()
-                sched.step()
+                if stepped:  # a skipped update leaves the LR schedule where it was (transformers does too)
+                    sched.step()
                 opt.zero_grad(set_to_none=True)
                 order.advance(len(window))
                 tokens = sum(int(b["attention_mask"].sum()) for b in window)
@@ -303,6 +311,12 @@ def train(a: RunArgs, *, progress: bool = True) -> dict:
             evaluate()
         if t.save_strategy != "no" and not (out / f"{ckpt.PREFIX}{st['step']}").exists():
             save(step_rng)
+        check_finite("the final adapter")
+        summary = dict(step=st["step"], stop=stop_reason, best_step=st["best_step"], best_eval_ppl=st["best_ppl"],
+                       elapsed=elapsed())
+        log.write(event="end", **summary)
+        draw_curves()
+        ckpt.save_final(out, model, lora=lora_kw, summary=summary)
     except KeyboardInterrupt:
         bar.close()
         path = out / f"{ckpt.PREFIX}{st['step']}"
@@ -314,14 +328,13 @@ def train(a: RunArgs, *, progress: bool = True) -> dict:
     except torch.OutOfMemoryError:
         log.write(event="out_of_memory", step=st["step"])
         raise TrainingError(f"at step {st['step'] + 1}: {MEMORY_HINT}") from None
+    except (ValueError, OSError) as e:  # once training has started, no error is "bad input, nothing written"
+        with contextlib.suppress(OSError, ValueError):
+            log.write(event="error", step=st["step"], error=f"{type(e).__name__}: {e}")
+        raise TrainingError(f"training stopped after step {st['step']}: {type(e).__name__}: {e}. "
+                            f"Last good checkpoint: {last_good()}") from e
     finally:
         bar.close()
         log.close()
-    summary = dict(step=st["step"], stop=stop_reason, best_step=st["best_step"], best_eval_ppl=st["best_ppl"],
-                   elapsed=elapsed())
-    with RunLog(out / "log.jsonl") as log:
-        log.write(event="end", **summary)
-    write_curves(out / "log.jsonl", out / "curves.png", out / "curves.csv", title=str(out))
-    ckpt.save_final(out, model, lora=lora_kw, summary=summary)
     best_dir = str(out / ckpt.BEST) if st["best_step"] is not None else None
     return {**summary, "output_dir": str(out), "best_dir": best_dir}

@@ -5,9 +5,10 @@
         --dataset_format alpaca --output_dir output/run1 --bf16 ...   # any qlora.py command line
     python scripts/train.py --output_dir output/run1 --resume_from_checkpoint latest
 
-Exit status: 0 done; 2 bad input (flags, data, model folder, output_dir), nothing written;
-1 training failed (loss NaN/inf, out of memory), earlier checkpoints kept; 130 interrupted (Ctrl-C),
-after saving a checkpoint to resume from.
+Exit status: 0 done; 2 bad input (flags, data, model folder, output_dir, checkpoint), found before the
+first step, nothing written; 1 training failed once started (loss or weights NaN/inf, out of memory, or
+any error during the loop, e.g. a full disk: the trainer reports it as a TrainingError), earlier
+checkpoints kept; 130 interrupted (Ctrl-C), after saving a checkpoint to resume from.
 """
 import sys
 from pathlib import Path

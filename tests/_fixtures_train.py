@@ -1,6 +1,7 @@
 """Fixtures for the training tests: the embedded tiny checkpoint, small datasets cut from the
 example data, and scripts/train.py's main() run in-process."""
 import importlib.util
+import itertools
 import json
 import random
 from pathlib import Path
@@ -38,6 +39,15 @@ def write_records(path, n, *, seed=0, shuffle_outputs=False):
         outputs = [r["output"] for r in records]
         random.Random(seed).shuffle(outputs)
         records = [{**r, "output": o} for r, o in zip(records, outputs)]
+    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def seed_dataset(path, n=1100):
+    """n records (more than the seed command's --eval_dataset_size 1024) cycled from the example
+    train/eval/test data, each with a fresh id."""
+    pool = [r for name in ("train", "eval", "test") for r in json.loads((EXAMPLE / f"{name}.json").read_text("utf-8"))]
+    records = [{**r, "id": f"seed-{i}"} for i, r in enumerate(itertools.islice(itertools.cycle(pool), n))]
     path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
     return path
 

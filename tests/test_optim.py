@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from minqlora.optim import (build_optimizer, build_scheduler, describe_schedule, quiet_cpu_paging,
-                            warmup_steps_for)
+from minqlora.optim import (build_optimizer, build_scheduler, describe_schedule, fast_forward, quiet_cpu_paging,
+                            schedule_change, warmup_steps_for)
 
 quiet_cpu_paging()
 
@@ -114,3 +114,45 @@ def test_constant_schedule_says_it_ignores_warmup():
     assert "ignored" in describe_schedule("constant", 300, 0.03, 0)
     assert "ignored" not in describe_schedule("constant", 0, 0.0, 0)
     assert "300 warmup steps" in describe_schedule("linear", 300, 0.03, 0)
+
+
+@pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "linear", "cosine"])
+def test_fast_forward_puts_a_fresh_schedule_where_stepping_would(name):
+    def fresh(lr):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+        return opt, build_scheduler(opt, name, 3, 10)
+    opt, sched = fresh(3e-4)
+    stepped = []
+    for _ in range(7):
+        stepped.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    for k in range(7):
+        # an optimizer loaded from a checkpoint carries the old run's lr; fast_forward replaces it
+        opt2, sched2 = fresh(3e-4)
+        opt2.param_groups[0]["lr"] = 123.0
+        assert fast_forward(sched2, k) == pytest.approx(stepped[k], rel=1e-12, abs=1e-15)
+        assert opt2.param_groups[0]["lr"] == sched2.get_last_lr()[0] == pytest.approx(stepped[k], rel=1e-12, abs=1e-15)
+        opt2.step()
+        sched2.step()  # and it goes on from there like the stepped one
+        assert sched2.get_last_lr()[0] == pytest.approx(stepped[k + 1] if k + 1 < 7 else sched.get_last_lr()[0],
+                                                        rel=1e-12, abs=1e-15)
+    # the peak is this run's: another --learning_rate scales the same schedule
+    opt3, sched3 = fresh(1e-3)
+    assert fast_forward(sched3, 5) == pytest.approx(stepped[5] * 1e-3 / 3e-4, rel=1e-12)
+    assert opt3.param_groups[0]["initial_lr"] == 1e-3
+
+
+def test_schedule_change_warns_only_for_what_the_schedule_uses():
+    def sched(name, total, warmup):
+        return {"type": name, "total_steps": total, "warmup_steps": warmup}
+    for name in ("linear", "cosine"):
+        assert "total steps 2 -> 4" in schedule_change(name, sched(name, 2, 1), sched(name, 4, 1))
+        assert "warmup steps 1 -> 3" in schedule_change(name, sched(name, 2, 1), sched(name, 2, 3))
+        assert schedule_change(name, sched(name, 2, 1), sched(name, 2, 1)) is None
+    name = "constant_with_warmup"
+    assert schedule_change(name, sched(name, 2, 1), sched(name, 4, 1)) is None
+    assert "warmup steps 1 -> 3" in schedule_change(name, sched(name, 2, 1), sched(name, 2, 3))
+    assert schedule_change("constant", sched("constant", 2, 1), sched("constant", 4, 3)) is None
+    assert schedule_change("cosine", None, sched("cosine", 4, 1)) is None  # a checkpoint without the schedule
+    assert schedule_change("cosine", sched("linear", 2, 1), sched("cosine", 4, 1)) is None  # type: a flag warning

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _fixtures_train import (EXAMPLE, TINY, fast_args, needs_tiny, read_log, train_losses, train_main,
-                             write_records)
+from _fixtures_train import (EXAMPLE, TINY, fast_args, needs_tiny, read_log, seed_dataset, train_losses,
+                             train_main, write_records)
 from minqlora.data import build_examples, collate
 from minqlora.loss import causal_lm_loss
 from minqlora.prompts import Prompt
@@ -16,11 +16,10 @@ from minqlora.train_args import ArgsError, parse_args
 
 pytestmark = needs_tiny
 
-# The command from the course's report, verbatim but for the paths, --eval_dataset_size (the example
-# data has 400 records, not 10,000) and --max_steps 3.
+# The command from the course's report, verbatim but for the paths, plus --max_steps 3.
 SEED = """--model_name_or_path {model} --output_dir {out}
   --logging_steps 50 --save_strategy steps --data_seed 42 --save_steps 500 --save_total_limit 40
-  --evaluation_strategy steps --eval_dataset_size 40 --max_eval_samples 1000 --max_new_tokens 32
+  --evaluation_strategy steps --eval_dataset_size 1024 --max_eval_samples 1000 --max_new_tokens 32
   --dataloader_num_workers 1 --group_by_length --logging_strategy steps --remove_unused_columns False
   --do_train --do_eval --lora_r 64 --lora_alpha 16 --lora_modules all --quant_type nf4 --bits 4
   --warmup_ratio 0.03 --lr_scheduler_type constant --gradient_checkpointing --dataset {data}
@@ -31,11 +30,13 @@ SEED = """--model_name_or_path {model} --output_dir {out}
 
 def test_seed_command_runs_and_writes_everything(tmp_path, capsys):
     out = tmp_path / "test"
-    argv = SEED.format(model=TINY, out=out, data=EXAMPLE / "train.json").split()
+    argv = SEED.format(model=TINY, out=out, data=seed_dataset(tmp_path / "train.json")).split()
     assert train_main(argv) == 0
     printed = capsys.readouterr().out
-    assert "data audit (train): 360 records" in printed and "data audit (eval): 40 records" in printed
+    # 1,100 records: 1,024 held out for evaluation, of which --max_eval_samples keeps 1,000; 76 train
+    assert "data audit (train): 76 records" in printed and "data audit (eval): 1000 records" in printed
     assert "constant" in printed and "no warmup" in printed  # the warmup_ratio note
+    assert "max_position_embeddings" not in printed  # 128 + 128 tokens fit the tiny model's 1024
     for name in ("adapter_config.json", "adapter_model.safetensors", "log.jsonl", "curves.png", "curves.csv",
                  "completed", "run_config.json", "best/adapter_model.safetensors", "best/best.json",
                  "checkpoint-3/adapter_model.safetensors", "checkpoint-3/trainer_state.pt",
@@ -51,6 +52,8 @@ def test_seed_command_runs_and_writes_everything(tmp_path, capsys):
     assert [r["step"] for r in train] == [3] and train[0]["lr"] == pytest.approx(3e-4)  # constant: no warmup
     assert {"epoch", "grad_norm", "tokens_per_s", "elapsed"} <= set(train[0])
     assert [r["step"] for r in evals] == [3] and 1 < evals[0]["eval_ppl"] < 1e3
+    start = next(r for r in log if r.get("event") == "start")
+    assert (start["train_examples"], start["eval_examples"], start["device"]) == (76, 1000, "cpu")
     assert (out / "curves.csv").read_text().splitlines()[0] == "step,epoch,loss,eval_loss,eval_ppl"
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["step"] == 3 and state["epoch"] == 0 and state["pos"] == 48  # 3 steps x 16 micro-batches
@@ -155,6 +158,9 @@ def test_flags_parse_like_hf_argument_parser(capsys):
     (["--full_finetune", "True"], "--full_finetune True is not implemented"),
     (["--trust_remote_code"], "--trust_remote_code True"),
     (["--bf16", "--fp16"], "choose one"),
+    (["--source_max_len", "0"], "--source_max_len 0: must be at least 1"),
+    (["--target_max_len", "-1"], "--target_max_len -1: must be at least 1"),
+    (["--max_train_samples", "-1"], "--max_train_samples -1: must be at least 0"),
 ])
 def test_refused_flags(argv, message):
     with pytest.raises(ArgsError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -211,7 +217,8 @@ def test_unknown_flag_is_an_error(capsys):
     assert "unrecognized arguments: --lora_rank" in capsys.readouterr().err
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("fp16", [False, True])
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeypatch, fp16):
     import minqlora.trainer as trainer
     real, calls = trainer.accumulate_gradients, []
 
@@ -222,11 +229,110 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeyp
     monkeypatch.setattr(trainer, "accumulate_gradients", poisoned)
     out = tmp_path / "out"
     data = write_records(tmp_path / "d.json", 12)
-    assert train_main(fast_args(out, data, save_steps=1, max_steps=5)) == 1
+    assert train_main(fast_args(out, data, save_steps=1, max_steps=5, fp16=fp16)) == 1
     err = capsys.readouterr().err
     assert "loss is nan at step 3" in err and "checkpoint-2" in err
+    assert ("--bf16 instead of --fp16" in err) == fp16  # that advice only where it applies
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert not (out / "completed").exists()
+
+
+def test_non_finite_lora_weights_never_reach_a_checkpoint(tmp_path, capsys, monkeypatch):
+    import minqlora.trainer as trainer
+    real, calls = trainer.accumulate_gradients, []
+
+    def poison_a_weight(model, *args, **kw):
+        calls.append(1)
+        loss = real(model, *args, **kw)
+        if len(calls) == 3:  # during step 3 a LoRA weight turns NaN; the loss and gradients are finite
+            with torch.no_grad():
+                next(p for p in model.parameters() if p.requires_grad)[0, 0] = float("nan")
+        return loss
+    monkeypatch.setattr(trainer, "accumulate_gradients", poison_a_weight)
+    out = tmp_path / "out"
+    data = write_records(tmp_path / "d.json", 12)
+    assert train_main(fast_args(out, data, save_steps=1, max_steps=5)) == 1
+    err = capsys.readouterr().err
+    assert "LoRA weights are not finite after step 3" in err and "checkpoint-3 not written" in err
+    assert "Last good checkpoint: " + str(out / "checkpoint-2") in err and "--fp16" not in err
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert not (out / "completed").exists() and not (out / "adapter_model.safetensors").exists()
+
+
+def test_fp16_step_skipped_by_the_scaler_does_not_advance_the_schedule(tmp_path, monkeypatch):
+    import minqlora.trainer as trainer
+    real, calls = trainer.accumulate_gradients, []
+
+    def inf_gradient_in_step_2(model, *args, **kw):
+        calls.append(1)
+        loss = real(model, *args, **kw)
+        if len(calls) == 2:
+            next(p for p in model.parameters() if p.requires_grad).grad[0, 0] = float("inf")
+        return loss
+    monkeypatch.setattr(trainer, "accumulate_gradients", inf_gradient_in_step_2)
+    data = write_records(tmp_path / "d.json", 16)
+    out = tmp_path / "out"
+    flags = dict(fp16=True, lr_scheduler_type="linear", warmup_steps=4, learning_rate=0.004, max_steps=4,
+                 save_steps=1)
+    assert train_main(fast_args(out, data, **flags)) == 0
+    lrs = {r["step"]: r["lr"] for r in read_log(out / "log.jsonl") if "loss" in r}
+    # the scaler skipped step 2's update: step 3 uses the LR step 2 had (transformers' Trainer does the same)
+    assert lrs == pytest.approx({1: 0.0, 2: 0.001, 3: 0.001, 4: 0.002})
+    a, b = (load_file(out / f"checkpoint-{s}" / "adapter_model.safetensors") for s in (1, 2))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # step 2 changed no weight
+    assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["schedule"]["step"] == 1
+    # resumed, the LR goes on from the schedule's own position, not from the step count
+    monkeypatch.setattr(trainer, "accumulate_gradients", real)
+    assert train_main(fast_args(out, data, **flags, resume_from_checkpoint=out / "checkpoint-2")) == 0
+    lrs = {r["step"]: r["lr"] for r in read_log(out / "log.jsonl") if "loss" in r}
+    assert lrs == pytest.approx({1: 0.0, 2: 0.001, 3: 0.001, 4: 0.002})
+
+
+@pytest.mark.parametrize("error", ["ValueError", "OSError"])
+def test_an_error_during_training_exits_1_and_keeps_the_checkpoints(tmp_path, capsys, monkeypatch, error):
+    import minqlora.trainer as trainer
+    real, calls = trainer.accumulate_gradients, []
+
+    def fail_in_step_3(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise ValueError("boom") if error == "ValueError" else OSError(28, "No space left on device")
+        return real(*args, **kw)
+    monkeypatch.setattr(trainer, "accumulate_gradients", fail_in_step_3)
+    out = tmp_path / "out"
+    data = write_records(tmp_path / "d.json", 12)
+    assert train_main(fast_args(out, data, save_steps=1, max_steps=5)) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("error: training stopped after step 2: ") and "Traceback" not in err
+    assert ("ValueError: boom" if error == "ValueError" else "No space left on device") in err
+    assert "Last good checkpoint: " + str(out / "checkpoint-2") in err
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert read_log(out / "log.jsonl")[-1]["event"] == "error"
+
+
+def test_limits_longer_than_the_context_are_warned_about(tmp_path, capsys):
+    data = write_records(tmp_path / "d.json", 8)
+    out = tmp_path / "out"
+    assert train_main(fast_args(out, data, source_max_len=1000, target_max_len=100, max_steps=1,
+                                save_strategy="no")) == 0
+    printed = capsys.readouterr().out
+    warning = ("WARNING: --source_max_len 1000 + --target_max_len 100 = 1100 tokens is more than the model's "
+               "context (max_position_embeddings 1024)")
+    assert warning in printed and "(within the context)" in printed
+    assert printed.index(warning) < printed.index("trainable params")  # before training
+    audit = next(r for r in read_log(out / "log.jsonl") if r.get("event") == "audit")
+    assert any(w.startswith(warning) for w in audit["warnings"])
+    from minqlora.audit import context_warning
+    assert "LONGER than the context" in context_warning(1024, 256, 1024, longest=1100)
+    assert context_warning(768, 256, 1024, longest=1024) is None and context_warning(4096, 1, None, 9) is None
+
+
+def test_zero_max_len_is_refused_before_the_audit(tmp_path, capsys):
+    data = write_records(tmp_path / "d.json", 8)
+    assert train_main(fast_args(tmp_path / "out", data, target_max_len=0)) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: --target_max_len 0") and "data audit" not in captured.out
+    assert not (tmp_path / "out").exists()
 
 
 def test_out_of_memory_names_the_flags_that_help(tmp_path, capsys, monkeypatch):
