@@ -3,6 +3,7 @@
 Follows transformers' HfArgumentParser conventions, which qlora.py's users type: a bool flag works
 bare (`--group_by_length`) or with a value (`--group_by_length False`); `Optional[X]` fields accept
 the value `None`. Unknown flags are errors (argparse's), prefixes are not accepted as abbreviations.
+Also the two flags every command shares: --dtype names and --device resolution.
 """
 from __future__ import annotations
 
@@ -10,6 +11,27 @@ import argparse
 import dataclasses
 import types
 import typing
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype values
+
+
+class FlagError(ValueError):
+    """A flag's value that argparse accepted but that cannot be used here."""
+
+
+def resolve_device(spec: str) -> torch.device:
+    """--device: auto (cuda if available, else cpu), cpu, cuda or cuda:N."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise FlagError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FlagError(f"--device {spec}: CUDA is not available on this machine")
+    return dev
 
 
 def str2bool(v: str) -> bool:

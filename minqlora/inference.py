@@ -18,6 +18,7 @@ import torch
 
 from .adapter import AdapterError, load_adapter
 from .atomic import atomic_file
+from .cli import DTYPES, FlagError, resolve_device
 from .config import ConfigError
 from .fewshot import FewShotError, FewShotPrompt, direction_counts, plan_draws
 from .generate import PromptTooLongError, generate
@@ -27,14 +28,11 @@ from .prompts import NAMES as PROMPT_NAMES, Prompt
 from .records import DataError, read_records
 from .tokenizer import Tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class InferenceError(ValueError):
+class InferenceError(FlagError):
     pass
 
 
-USER_ERRORS = (InferenceError, DataError, LoadError, ConfigError, AdapterError, FewShotError,
+USER_ERRORS = (FlagError, DataError, LoadError, ConfigError, AdapterError, FewShotError,
                PromptTooLongError, FileNotFoundError)
 
 
@@ -53,14 +51,10 @@ class ModelArgs:
                                                   "choices": ["auto", "cpu", "cuda"]})
 
 
-def resolve_device_dtype(args: ModelArgs) -> tuple[str, torch.dtype]:
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InferenceError("--device cuda: no CUDA device is available")
+def resolve_device_dtype(args: ModelArgs) -> tuple[torch.device, torch.dtype]:
+    device = resolve_device(args.device)
     if args.dtype == "auto":
-        return device, torch.bfloat16 if device == "cuda" else torch.float32
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
     return device, DTYPES[args.dtype]
 
 

@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .cli import parse_dataclasses
+from .cli import FlagError, parse_dataclasses
 
 
-class ArgsError(ValueError):
+class ArgsError(FlagError):
     pass
 
 
@@ -259,18 +259,6 @@ def lora_targets(spec: str):
     if not names:
         raise ArgsError(f"--lora_modules {spec!r}: expected 'all' or names such as q_proj,v_proj")
     return names
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise ArgsError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ArgsError(f"--device {spec}: CUDA is not available on this machine")
-    return dev
 
 
 def resolve_dtype(a: RunArgs) -> torch.dtype:

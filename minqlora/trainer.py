@@ -40,7 +40,8 @@ from .perplexity import mean_perplexity, perplexities
 from .prompts import Prompt
 from .tokenizer import Tokenizer
 from .train_data import DataOrder, prepare_data
-from .train_args import RunArgs, lora_targets, resolve_device, resolve_dtype
+from .cli import resolve_device
+from .train_args import RunArgs, lora_targets, resolve_dtype
 
 MEMORY_HINT = ("out of GPU memory. Flags that lower memory: --per_device_train_batch_size 1 (raise "
                "--gradient_accumulation_steps to keep the effective batch), --source_max_len / --target_max_len "

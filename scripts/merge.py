@@ -14,13 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from minqlora.adapter import load_adapter  # noqa: E402
-from minqlora.cli import parse_dataclasses  # noqa: E402
+from minqlora.cli import DTYPES, parse_dataclasses  # noqa: E402
 from minqlora.config import LlamaConfig  # noqa: E402
 from minqlora.loader import load_model, save_checkpoint  # noqa: E402
 from minqlora.lora import merge_lora  # noqa: E402
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass
 class MergeArgs:
