@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .cli import FlagError, parse_dataclasses
+from .cli import DTYPES, FlagError, parse_dataclasses
 
 
 class ArgsError(FlagError):
@@ -37,7 +37,7 @@ class ModelArguments:
     device: str = _f("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     dtype: str | None = _f(None, "Model/compute dtype. None: bfloat16 with --bf16, float16 with --fp16, "
                            "else float32 (as qlora.py, whose compute dtype is fp32 without them)",
-                           ["float32", "bfloat16", "float16", None])
+                           [*DTYPES, None])
 
 
 @dataclass
