@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from minqlora.generate import generate_ids  # noqa: E402
 from minqlora.loader import load_model  # noqa: E402
-from minqlora.lora import apply_lora, freeze_base  # noqa: E402
+from minqlora.lora import apply_lora  # noqa: E402
 from minqlora.loss import causal_lm_loss  # noqa: E402
 
 
@@ -33,8 +33,7 @@ def load(path):
     t = time.time()
     model = load_model(path, bits=4, quant_type="nf4", double_quant=True, dtype=torch.bfloat16,
                        device="cuda", progress=False)
-    apply_lora(model, r=64, alpha=16, dropout=0.01, targets="all")
-    freeze_base(model)
+    apply_lora(model, r=64, alpha=16, dropout=0.01, targets="all")  # freezes the rest, prints counts
     model.model.gradient_checkpointing = True
     log(event="loaded", seconds=round(time.time() - t, 1),
         mem_gib=round(torch.cuda.memory_allocated() / 2**30, 2))

@@ -217,7 +217,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> dict:
                 raise AdapterError(f"{path}: no tensor for {PREFIX}{name}.{which}.weight (module {name} is a LoRA target)")
 
     if not existing:
-        apply_lora(model, r=r, alpha=alpha, dropout=dropout, targets=cfg["target_modules"])
+        apply_lora(model, r=r, alpha=alpha, dropout=dropout, targets=cfg["target_modules"], verbose=False)
     with torch.no_grad():
         for (name, which), t in tensors.items():
             layer: LoRALinear = model.get_submodule(name)

@@ -7,9 +7,10 @@ QLoRA (arXiv 2305.14314) §3 puts adapters on *every* linear layer of the
 transformer (not just q/v) with W0 stored in NF4 (see nf4.py); that is
 `targets="all"` here, which like artidoro/qlora leaves `lm_head` alone.
 
-Usage, in three visible steps:
+Usage:
     wrapped = apply_lora(model, r=64, alpha=16, dropout=0.1, targets="all")
-    freeze_base(model)              # only lora_A / lora_B train; prints counts
+        # wraps the targets, then freeze_base(model): only lora_A / lora_B
+        # train, and it prints the trainable / total counts
     ...train...
     merge_lora(model)               # plain nn.Linear layers again, 16-bit
 
@@ -65,10 +66,11 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        # Compute in x's dtype (e.g. bf16); the fp32 weights receive fp32 grads through the cast.
-        h = F.linear(self.lora_dropout(x), self.lora_A.weight.to(x.dtype))  # (..., r)
-        h = F.linear(h, self.lora_B.weight.to(x.dtype))  # (..., out)
-        return result + h * self.scaling
+        # The low-rank path runs in the adapter's dtype (fp32) and is added before casting back, as peft
+        # does: a bf16 model scores exactly as transformers + peft (and the course's ppl.py) do.
+        h = F.linear(self.lora_dropout(x).to(self.lora_A.weight.dtype), self.lora_A.weight)  # (..., r)
+        h = F.linear(h, self.lora_B.weight)  # (..., out)
+        return (result + h * self.scaling).to(result.dtype)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
@@ -137,12 +139,16 @@ def apply_lora(
     alpha: float,
     dropout: float = 0.0,
     targets: str | list[str] = "all",
+    *,
+    freeze: bool = True,
+    verbose: bool = True,
 ) -> list[str]:
     """Wrap each targeted linear in a LoRALinear, in place; return the wrapped names.
 
     `targets="all"`: every nn.Linear / Linear4bit except lm_head. A list: module
     names or dotted suffixes, e.g. ["q_proj", "v_proj"]; each must match.
-    Does not freeze anything: call `freeze_base(model)` next.
+    Then, unless freeze=False, `freeze_base(model)`: only lora_A/lora_B stay trainable,
+    and the counts are printed (verbose).
     """
     existing = lora_modules(model)
     if existing:
@@ -152,6 +158,8 @@ def apply_lora(
         raise ValueError("apply_lora: the model has no linear layer to wrap")
     for name in names:
         _replace(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout))
+    if freeze:
+        freeze_base(model, verbose=verbose)
     return names
 
 

@@ -32,7 +32,7 @@ from .config import LlamaConfig
 from .curves import RunLog, write_curves
 from .data import LengthGroupedSampler, RandomSampler, collate
 from .loader import load_model, weight_files
-from .lora import apply_lora, freeze_base
+from .lora import apply_lora
 from .loss import IGNORE_INDEX, causal_lm_loss
 from .optim import (build_optimizer, build_scheduler, describe_schedule, fast_forward, quiet_cpu_paging,
                     schedule_change, warmup_steps_for)
@@ -129,8 +129,7 @@ def train(a: RunArgs, *, progress: bool = True) -> dict:
     # 3. Model: 4-bit base, LoRA on the targets, everything else frozen.
     model = load_model(m.model_name_or_path, bits=t.bits, quant_type=t.quant_type, double_quant=t.double_quant,
                        dtype=dtype, device=device, progress=progress)
-    apply_lora(model, r=t.lora_r, alpha=t.lora_alpha, dropout=t.lora_dropout, targets=targets)
-    freeze_base(model)
+    apply_lora(model, r=t.lora_r, alpha=t.lora_alpha, dropout=t.lora_dropout, targets=targets)  # + freeze_base
     model.model.gradient_checkpointing = t.gradient_checkpointing
     model.train()
     lora_kw = dict(r=t.lora_r, alpha=t.lora_alpha, dropout=t.lora_dropout, targets=targets,

@@ -232,3 +232,4 @@ def test_save_checks_arguments(tmp_path):
     _, mq3 = pair(0)
     load_adapter(mq3, tmp_path / "b")
     assert list(lora_modules(mq3)) == ["model.layers.1.self_attn.q_proj"]
+

@@ -40,6 +40,26 @@ def randomize_lora(model, seed=1):
             m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.1)
 
 
+
+def test_bf16_base_matches_peft_bit_for_bit():
+    """A bf16 base with fp32 adapters (peft's default, and what the course's ppl.py loads): the LoRA path
+    runs in fp32 and is added before the cast back to bf16, exactly as peft's lora.Linear does."""
+    torch.manual_seed(0)
+    ours = Toy().to(torch.bfloat16)
+    ref = get_peft_model(copy.deepcopy(ours), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["fc", "proj"]))
+    apply_lora(ours, r=R, alpha=ALPHA, targets=["fc", "proj"], verbose=False)
+    randomize_lora(ours)
+    with torch.no_grad():
+        for name, m in lora_modules(ours).items():
+            theirs = ref.base_model.model.get_submodule(name)
+            assert theirs.lora_A["default"].weight.dtype == m.lora_A.weight.dtype == torch.float32
+            theirs.lora_A["default"].weight.copy_(m.lora_A.weight)
+            theirs.lora_B["default"].weight.copy_(m.lora_B.weight)
+    x = torch.randn(3, 5, IN, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y, y_ref = ours(x), ref(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_matches_peft_outputs_and_grads(bias):
     torch.manual_seed(0)
