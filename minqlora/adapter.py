@@ -159,11 +159,17 @@ def _read_config(path: Path) -> dict:
 
 def _read_tensors(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     st, bin_ = folder / SAFETENSORS_NAME, folder / BIN_NAME
-    if st.exists():
-        return st, load_file(str(st), device="cpu")
-    if bin_.exists():
-        return bin_, torch.load(bin_, map_location="cpu", weights_only=True)
-    raise AdapterError(f"{folder}: no {SAFETENSORS_NAME} or {BIN_NAME}")
+    path = st if st.exists() else bin_ if bin_.exists() else None
+    if path is None:
+        raise AdapterError(f"{folder}: no {SAFETENSORS_NAME} or {BIN_NAME}")
+    try:
+        tensors = (load_file(str(path), device="cpu") if path == st
+                   else torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as e:  # truncated or corrupt: say which file, and what the reader said
+        raise AdapterError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise AdapterError(f"{path}: not a dict of tensors")
+    return path, tensors
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> dict:

@@ -74,6 +74,16 @@ def load_for_inference(args: ModelArgs, progress: bool = True):
     return model.eval(), tokenizer
 
 
+def check_output_path(path, flag: str):
+    """Refuse, before any model work, an output path that cannot become a file."""
+    p = Path(path)
+    if p.is_dir():
+        raise InferenceError(f"{flag} {path}: is a folder; give a file name")
+    parent = next((q for q in p.absolute().parents if q.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise InferenceError(f"{flag} {path}: {parent} is a file, not a folder")
+
+
 def make_prompt(template: str) -> Prompt:
     try:
         return Prompt(template)
@@ -133,6 +143,8 @@ def run_ppl(margs: ModelArgs, args: PplArgs) -> list[float]:
         pool = None if same else read_records(args.few_shot_pool, required=required)
         draws = plan_draws(test, pool, k=args.few_shot, repeats=args.repeats, seed=args.seed,
                            balanced=args.balanced, pool_name=args.few_shot_pool or args.test_data_path)
+    if args.per_example_out:
+        check_output_path(args.per_example_out, "--per_example_out")
     model, tokenizer = load_for_inference(margs, progress=args.progress)
 
     means, rows = [], []
@@ -192,6 +204,7 @@ def run_predict(margs: ModelArgs, args: PredictArgs) -> list[dict]:
     for i, rec in enumerate(records):
         if rec.get("id") is None:
             raise InferenceError(f"{path}: record {i} has no 'id' field; predictions are keyed by id")
+    check_output_path(args.output_path, "--output_path")
     model, tokenizer = load_for_inference(margs, progress=args.progress)
     names = [f"{path}: record {i} (id {rec['id']!r})" for i, rec in enumerate(records)]
     outputs = generate(model, tokenizer, [prompt(r) for r in records],

@@ -176,6 +176,10 @@ def save_checkpoint(state_dict: dict, cfg: LlamaConfig, out_dir, *, max_shard_by
     out_dir = Path(out_dir)
     if cfg.tie_word_embeddings:  # the checkpoint holds the shared matrix once, as transformers writes it
         state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
+    for name, t in state_dict.items():
+        if not t.is_floating_point():
+            raise LoadError(f"save_checkpoint: {name!r} is {t.dtype} (a 4-bit layer?); "
+                            "dequantize the model first (nf4.dequantize_linears)")
     shards, current, size = [], {}, 0
     for name, t in state_dict.items():
         nbytes = t.numel() * t.element_size()

@@ -159,3 +159,17 @@ def from_linear(
         blocksize=blocksize,
     )
 
+
+@torch.no_grad()
+def dequantize_linears(model: nn.Module) -> nn.Module:
+    """Replace every Linear4bit in `model` by an nn.Linear holding its dequantized weight (compute dtype),
+    e.g. to write a 16-bit checkpoint from a 4-bit model."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, Linear4bit):
+            w = m.dequantize()
+            plain = nn.Linear(m.in_features, m.out_features, bias=False, device=w.device, dtype=w.dtype)
+            plain.weight.copy_(w)
+            plain.weight.requires_grad_(False)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+    return model

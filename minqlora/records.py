@@ -55,6 +55,8 @@ def read_records(path, required=("instruction", "output"), unique_ids=False) -> 
                 what = "has no" if key not in rec else "has a non-string"
                 raise DataError(f"{_where(path, i, rec)} {what} {key!r} field")
         if unique_ids and "id" in rec:
+            if not isinstance(rec["id"], (str, int)) or isinstance(rec["id"], bool):
+                raise DataError(f"{_where(path, i, rec)}: id must be a string or an integer")
             if rec["id"] in seen:
                 raise DataError(f"{_where(path, i, rec)}: duplicate id, first at record {seen[rec['id']]}")
             seen[rec["id"]] = i

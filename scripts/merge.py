@@ -18,6 +18,7 @@ from minqlora.cli import DTYPES, parse_dataclasses  # noqa: E402
 from minqlora.config import LlamaConfig  # noqa: E402
 from minqlora.loader import load_model, save_checkpoint  # noqa: E402
 from minqlora.lora import merge_lora  # noqa: E402
+from minqlora.nf4 import dequantize_linears  # noqa: E402
 
 @dataclass
 class MergeArgs:
@@ -28,6 +29,7 @@ class MergeArgs:
                                                     "dequantized NF4 weights", "choices": [4, 16]})
     quant_type: str = field(default="nf4", metadata={"help": "with --bits 4", "choices": ["nf4", "fp4"]})
     double_quant: bool = field(default=True, metadata={"help": "with --bits 4"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "replace an existing output_dir"})
     dtype: str = field(default="auto", metadata={"help": "dtype of the written weights; auto = the base's "
                                                          "torch_dtype", "choices": ["auto", *DTYPES]})
 
@@ -35,12 +37,18 @@ class MergeArgs:
 def main(argv=None):
     _, (args,) = parse_dataclasses({"merge": MergeArgs}, argv, description=__doc__)
     try:
+        out, base = Path(args.output_dir), Path(args.base_model_path)
+        if out.resolve() in (base.resolve(), Path(args.peft_path).resolve()):
+            raise ValueError(f"--output_dir {out}: is the base model or the adapter folder")
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite_output_dir:
+            raise ValueError(f"--output_dir {out}: exists and is not empty (--overwrite_output_dir replaces it)")
         cfg = LlamaConfig.from_json(args.base_model_path)
         dtype = DTYPES.get(args.dtype if args.dtype != "auto" else cfg.torch_dtype, torch.float32)
         model = load_model(args.base_model_path, bits=args.bits, quant_type=args.quant_type,
                            double_quant=args.double_quant, dtype=dtype)
         load_adapter(model, args.peft_path)
         merge_lora(model)
+        dequantize_linears(model)  # with --bits 4, the layers the adapter did not touch
         out = save_checkpoint(model.state_dict(), model.config, args.output_dir,
                               copy_from=args.base_model_path)
     except (ValueError, FileNotFoundError) as e:

@@ -233,3 +233,16 @@ def test_save_checks_arguments(tmp_path):
     load_adapter(mq3, tmp_path / "b")
     assert list(lora_modules(mq3)) == ["model.layers.1.self_attn.q_proj"]
 
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "adapter_model.bin"])
+def test_refuses_a_corrupt_adapter_file(tmp_path, name):
+    _, _, out = mq_adapter(tmp_path)
+    st = out / "adapter_model.safetensors"
+    data = st.read_bytes()
+    st.unlink()
+    (out / name).write_bytes(data[: len(data) // 2] if name.endswith("safetensors") else b"not a pickle")
+    _, fresh = pair(0)
+    with pytest.raises(AdapterError, match=rf"{name}: cannot read"):
+        load_adapter(fresh, out)
+    assert not lora_modules(fresh)  # refused before the model was touched

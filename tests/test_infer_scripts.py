@@ -149,6 +149,8 @@ def bad_cases(tmp_path, folder):
         (both, "good.json", ["--peft_path", str(tmp_path / "nowhere")], r"nowhere.*adapter_config\.json"),
         (both, "good.json", ["--prompt_template", "nope"], r"--prompt_template: .*'nope'"),
         (both, "good.json", ["--batch_size", "0"], r"--batch_size 0: must be at least 1"),
+        (ppl, "good.json", ["--per_example_out", str(tmp_path)], r"--per_example_out .*: is a folder"),
+        (pred, "good.json", ["--output_path", str(tmp_path / "good.json" / "x.json")], r"good\.json is a file"),
         (ppl, "good.json", ["--repeats", "3"], r"need --few_shot"),
         (ppl, "good.json", ["--few_shot", "7"], r"good\.json: 7 usable records, too few"),
     ]

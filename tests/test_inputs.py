@@ -55,6 +55,8 @@ def test_read_json_and_jsonl(tmp_path):
      r"record 1 \(id 'x2'\) has no 'output' field"),
     ("d.json", '[{"instruction": 3, "output": "b"}]', {}, r"record 0 has a non-string 'instruction'"),
     ("d.json", '["text"]', {}, "record 0 is a str, not an object"),
+    ("d.json", '[{"id": [1], "instruction": "a"}]', {"required": ("instruction",), "unique_ids": True},
+     r"record 0 \(id \[1\]\): id must be a string or an integer"),
     ("d.json", '[{"id": 1, "instruction": "a"}, {"id": 1, "instruction": "b"}]',
      {"required": ("instruction",), "unique_ids": True}, r"record 1 \(id 1\): duplicate id, first at record 0"),
 ])

@@ -44,3 +44,36 @@ def test_merge_refuses_a_bad_adapter(tmp_path, capsys):
     assert merge.main(["--base_model_path", str(tmp_path / "base"), "--peft_path", str(tmp_path / "none"),
                        "--output_dir", str(tmp_path / "merged")]) == 2
     assert "error:" in capsys.readouterr().err and not (tmp_path / "merged").exists()
+
+
+def test_merge_into_4bit_with_a_partial_adapter_writes_a_loadable_checkpoint(tmp_path):
+    import transformers
+    hf = hf_model(seed=5)
+    hf.save_pretrained(tmp_path / "base")
+    m = load_model(tmp_path / "base", bits=16, progress=False)
+    apply_lora(m, r=4, alpha=8, targets=["q_proj"], verbose=False)
+    save_adapter(m, tmp_path / "adapter", r=4, alpha=8, dropout=0.0, targets=["q_proj"], base_model_name_or_path="b")
+    assert merge.main(["--base_model_path", str(tmp_path / "base"), "--peft_path", str(tmp_path / "adapter"),
+                       "--output_dir", str(tmp_path / "merged"), "--bits", "4", "--dtype", "float32"]) == 0
+    merged = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.randint(3, 128, (1, 8))
+    with torch.no_grad():  # B = 0: the merged model is the dequantized 4-bit base, close to the original
+        assert 0 < (merged(ids).logits - hf(ids).logits).abs().max() < 0.5
+
+
+def test_merge_never_replaces_a_folder_it_was_not_told_to(tmp_path, capsys):
+    hf_model(seed=4).save_pretrained(tmp_path / "base")
+    m = load_model(tmp_path / "base", bits=16, progress=False)
+    apply_lora(m, r=2, alpha=4, targets=["q_proj"], verbose=False)
+    save_adapter(m, tmp_path / "adapter", r=2, alpha=4, dropout=0.0, targets=["q_proj"], base_model_name_or_path="b")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    flags = ["--base_model_path", str(tmp_path / "base"), "--peft_path", str(tmp_path / "adapter")]
+    assert merge.main([*flags, "--output_dir", str(tmp_path / "busy")]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+    assert merge.main([*flags, "--output_dir", str(tmp_path / "base"), "--overwrite_output_dir"]) == 2
+    assert "is the base model or the adapter folder" in capsys.readouterr().err
+    assert merge.main([*flags, "--output_dir", str(tmp_path / "busy"), "--overwrite_output_dir"]) == 0
+    assert not (tmp_path / "busy" / "keep.txt").exists() and (tmp_path / "busy" / "config.json").exists()
+
