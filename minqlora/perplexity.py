@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from .atomic import atomic_file
+from .data import Example, collate
 from .generate import PromptTooLongError, eval_mode
 from .loss import IGNORE_INDEX, token_nll
 
@@ -40,17 +41,6 @@ def encode_example(tokenizer, prompt_text: str, output: str, max_length: int = 2
     ids = (prompt_ids + output_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + output_ids)[:max_length]
     return ids, labels
-
-
-def _batch(rows, pad_id, device):
-    """Right-pad (ids, labels) rows into (B, T) tensors; padding is never scored."""
-    T = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T)
-    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
-    for i, (x, y) in enumerate(rows):
-        ids[i, :len(x)] = torch.tensor(x)
-        labels[i, :len(y)] = torch.tensor(y)
-    return ids.to(device), labels.to(device)
 
 
 @torch.inference_mode()
@@ -82,7 +72,8 @@ def perplexities(model, tokenizer, records, prompt, *, batch_size: int = 8, max_
                                 disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            ids, labels = _batch([rows[i] for i in batch], tokenizer.pad_id, device)
+            b = collate([Example(*rows[i], length=len(rows[i][0])) for i in batch], tokenizer.pad_id)
+            ids, labels = b["input_ids"].to(device), b["labels"].to(device)  # (B, T) right-padded
             logits = model(ids)  # (B, T, V)
             nll, mask = token_nll(logits, labels)  # (B, T-1) each
             # The course: exp(sum(loss * mask) / sum(mask)), in fp32; 0/0 gives NaN.
