@@ -31,6 +31,7 @@ from .atomic import atomic_file
 from .config import LlamaConfig
 from .curves import RunLog, write_curves
 from .data import LengthGroupedSampler, RandomSampler, collate
+from .generate import eval_mode
 from .loader import load_model, weight_files
 from .lora import apply_lora
 from .loss import IGNORE_INDEX, causal_lm_loss
@@ -67,14 +68,12 @@ def say(msg):
 @torch.inference_mode()
 def eval_loss(model, examples, batch_size, pad_id, device) -> float:
     """Mean NLL over every target token of the eval set (training's truncation and prompt)."""
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        b = collate(examples[i:i + batch_size], pad_id)
-        s, n = causal_lm_loss(model(b["input_ids"].to(device)), b["labels"].to(device), reduction="sum")
-        total, count = total + s.item(), count + n.item()
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, len(examples), batch_size):
+            b = collate(examples[i:i + batch_size], pad_id)
+            s, n = causal_lm_loss(model(b["input_ids"].to(device)), b["labels"].to(device), reduction="sum")
+            total, count = total + s.item(), count + n.item()
     return total / max(count, 1)
 
 
