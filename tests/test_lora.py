@@ -247,3 +247,51 @@ def test_qlora_llama_trains_only_adapters():
     grads = {n for n, p in mq.named_parameters() if p.grad is not None}
     assert grads and all(".lora_A." in n or ".lora_B." in n for n in grads)
     assert len(grads) == 2 * 7 * 2  # layers x linears x (A, B)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_bf16_4bit_base_matches_peft_bit_for_bit(quant_type):
+    """A 4-bit base in bf16 with fp32 adapters: peft's bnb layer casts the low-rank output to bf16 and
+    then adds (its 16-bit layer adds first): the course's ppl.py numbers depend on that rounding."""
+    import bitsandbytes as bnb
+    torch.manual_seed(0)
+    w = torch.randn(OUT, IN, dtype=torch.bfloat16)
+    ref_base = bnb.nn.Linear4bit(IN, OUT, bias=False, compute_dtype=torch.bfloat16, quant_type=quant_type)
+    ref_base.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=quant_type)._quantize("cpu")
+    ref = nn.Sequential(ref_base)
+    ref.is_loaded_in_4bit = True  # what transformers sets on a 4-bit model; peft then picks its bnb layer
+    ref = get_peft_model(ref, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["0"]))
+    ours = LoRALinear(Linear4bit(ref_base.weight, torch.bfloat16), R, ALPHA)
+    theirs = ref.base_model.model[0]
+    assert type(theirs).__module__.endswith("lora.bnb")  # peft's 4-bit layer, the one under test
+    with torch.no_grad():
+        ours.lora_A.weight.copy_(torch.randn(R, IN) * 0.3)
+        ours.lora_B.weight.copy_(torch.randn(OUT, R) * 0.3)
+        theirs.lora_A["default"].weight.copy_(ours.lora_A.weight)
+        theirs.lora_B["default"].weight.copy_(ours.lora_B.weight)
+        x = torch.randn(64, IN, dtype=torch.bfloat16)
+        y, y_ref = ours(x), ref(x)
+        added_in_fp32 = (ours.base_layer(x) + (x.float() @ ours.lora_A.weight.T @ ours.lora_B.weight.T)
+                         * ours.scaling).to(torch.bfloat16)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert torch.equal(y, y_ref)
+    assert not torch.equal(y, added_in_fp32)  # the test can tell the two roundings apart
+
+
+def test_bf16_compute_dtype_runs_the_low_rank_path_in_bf16():
+    """set_compute_dtype(bf16): the training fast path; fp32 master weights and gradients stay fp32."""
+    from minqlora.lora import set_compute_dtype
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(IN, OUT, bias=False).to(torch.bfloat16), R, ALPHA)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(8, IN, dtype=torch.bfloat16)
+    y32 = layer(x)
+    set_compute_dtype(layer, torch.bfloat16)
+    y16 = layer(x)
+    y16.float().sum().backward()
+    assert layer.lora_A.weight.grad.dtype == torch.float32 and layer.lora_B.weight.grad.dtype == torch.float32
+    assert not torch.equal(y16, y32)
+    torch.testing.assert_close(y16, y32, rtol=2e-2, atol=2e-2)
+    set_compute_dtype(layer, None)
+    assert torch.equal(layer(x), y32)
