@@ -36,6 +36,62 @@ def eval_mode(model):
         model.train(was_training)
 
 
+DECODE_MODES = ("auto", "plain", "static", "graph")
+
+
+class Decoder:
+    """One decode step for every row: the model on one new token per row, against the KV cache.
+
+    plain: the model called as is, on the slots filled so far (the path the reading guide walks).
+    static: the cache's fixed-shape form (every slot, written at a slot tensor), still called eagerly.
+    graph: the static step captured once as a CUDA graph and replayed each token: one launch instead of
+    a few thousand small ones, which is what bounds batch-1 decoding (the fast path; "auto" on CUDA).
+    Static equals plain token for token on CPU (tests/test_generate.py); graph equals plain on the GPU
+    (the benchmark's correctness gate).
+    """
+
+    def __init__(self, model, cache: KVCache, key_mask, lengths, prompt_len: int, mode: str):
+        self.model, self.cache, self.key_mask, self.lengths, self.P = model, cache, key_mask, lengths, prompt_len
+        self.mode, self.graph = mode, None
+        if mode in ("static", "graph"):
+            B = lengths.shape[0]
+            self.tok = torch.zeros(B, 1, dtype=torch.long, device=lengths.device)  # (B, 1) static inputs
+            self.pos = torch.zeros(B, 1, dtype=torch.long, device=lengths.device)  # (B, 1)
+            self.slot = torch.zeros(1, dtype=torch.long, device=lengths.device)  # (1,) the slot written
+
+    def _static_step(self):
+        self.cache.slots = self.slot
+        return self.model(self.tok, position_ids=self.pos, attention_mask=self.key_mask, kv_cache=self.cache)
+
+    def _capture(self):
+        # Warm up on a side stream (cuBLAS and bitsandbytes set up their workspaces), then capture.
+        # The warm-up writes slot P, which the first real step overwrites.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._static_step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self._static_step()  # (B, 1, V), rewritten by every replay
+
+    def __call__(self, nxt, t: int):
+        """Feed each row's token `nxt` (B,) at its step t; return the logits (B, 1, V)."""
+        if self.mode == "plain":
+            return self.model(nxt[:, None], position_ids=(self.lengths + t)[:, None],
+                              attention_mask=self.key_mask[:, :self.P + t + 1], kv_cache=self.cache)
+        self.tok.copy_(nxt[:, None])
+        self.pos.copy_((self.lengths + t)[:, None])
+        self.slot.fill_(self.P + t)
+        if self.mode == "static":
+            return self._static_step()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.out
+
+
 def repetition_penalty_(logits, seen, penalty: float):
     """In place: tokens already seen get positive logits divided and negative ones multiplied."""
     if penalty != 1.0:
@@ -77,16 +133,19 @@ def next_tokens(logits, seen, *, do_sample, temperature, top_k, top_p, repetitio
 def generate_ids(model, prompt_ids: list[list[int]], *, eos_ids, max_new_tokens: int, pad_id: int = 0,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  repetition_penalty: float = 1.0, generator: torch.Generator | None = None,
-                 names: list[str] | None = None) -> list[list[int]]:
+                 names: list[str] | None = None, decode: str = "auto") -> list[list[int]]:
     """Generate for one batch of token-id prompts; return each row's new tokens (its stop token included).
 
     Greedy unless do_sample. A row stops at any of `eos_ids`, after max_new_tokens, or at the
     model's context; the batch stops when every row has. `names` label prompts in errors.
+    `decode`: how each step runs (see Decoder); "auto" is "graph" on CUDA, "plain" elsewhere.
     """
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode={decode!r}: must be one of {DECODE_MODES}")
     if not prompt_ids:
         return []
     with eval_mode(model):
-        return _generate_batch(model, prompt_ids, eos_ids, max_new_tokens, pad_id, names, dict(
+        return _generate_batch(model, prompt_ids, eos_ids, max_new_tokens, pad_id, names, decode, dict(
             do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, generator=generator))
 
@@ -101,7 +160,7 @@ def check_context(prompt_ids, ctx: int, names=None):
                                      f"(max_position_embeddings) is {ctx}, leaving no room to generate")
 
 
-def _generate_batch(model, prompt_ids, eos_ids, max_new_tokens, pad_id, names, sampling):
+def _generate_batch(model, prompt_ids, eos_ids, max_new_tokens, pad_id, names, decode, sampling):
     cfg = model.config
     ctx = cfg.max_position_embeddings
     check_context(prompt_ids, ctx, names)
@@ -125,9 +184,13 @@ def _generate_batch(model, prompt_ids, eos_ids, max_new_tokens, pad_id, names, s
         seen[i, torch.tensor(ids, device=device)] = True
 
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
+    if decode == "auto":
+        decode = "graph" if device.type == "cuda" and steps > 1 else "plain"
     cache = KVCache(cfg, B, P + steps, dtype, device)
     logits = model(tokens, position_ids=positions, attention_mask=key_mask[:, :P],
-                   kv_cache=cache, last_only=True)  # (B, 1, V)
+                   kv_cache=cache, last_only=True)  # (B, 1, V): the prompt fills slots 0..P-1
+    cache.static = decode != "plain"  # decode steps then see every slot, unwritten ones masked
+    step = Decoder(model, cache, key_mask, lengths, P, decode)
     out = torch.full((B, steps), pad_id, dtype=torch.long, device=device)  # (B, steps)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     n_new = torch.zeros(B, dtype=torch.long, device=device)
@@ -140,8 +203,7 @@ def _generate_batch(model, prompt_ids, eos_ids, max_new_tokens, pad_id, names, s
         done |= torch.isin(nxt, eos) | (n_new >= limits)
         if bool(done.all()):
             break
-        logits = model(nxt[:, None], position_ids=(lengths + t)[:, None],
-                       attention_mask=key_mask[:, :P + t + 1], kv_cache=cache)  # (B, 1, V)
+        logits = step(nxt, t)  # (B, 1, V)
     return [out[i, :n].tolist() for i, n in enumerate(n_new.tolist())]
 
 

@@ -58,13 +58,39 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def read_safetensors(path: Path):
+class Staging:
+    """One page-locked host buffer, reused for every tensor on its way to a GPU.
+
+    Reading into pinned memory costs no page faults and lets the copy to the device run at full
+    speed and asynchronously; the next tensor is read while the GPU quantizes this one. `take`
+    waits for the previous copy out of the buffer before handing it out again.
+    """
+
+    def __init__(self):
+        self.buf, self.copied = None, None
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        if self.copied is not None:
+            self.copied.synchronize()  # the last tensor has left the buffer
+        if self.buf is None or self.buf.numel() < nbytes:
+            self.buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        return self.buf[:nbytes]
+
+    def to_device(self, tensor: torch.Tensor, device) -> torch.Tensor:
+        out = tensor.to(device, non_blocking=True)
+        self.copied = torch.cuda.Event()
+        self.copied.record()
+        return out
+
+
+def read_safetensors(path: Path, staging: Staging | None = None):
     """Yield (name, tensor) from a .safetensors file, reading one tensor's bytes at a time.
 
     safetensors' own safe_open memory-maps the whole shard, and every page it has read stays resident
     in this process until the file is closed: peak memory would be the largest shard plus the 4-bit
     model. Plain reads keep one tensor in memory at a time. Format: an 8-byte little-endian header
-    length, a JSON header {name: {dtype, shape, data_offsets}}, then the data.
+    length, a JSON header {name: {dtype, shape, data_offsets}}, then the data. With `staging` (loading
+    onto a GPU) each tensor is a view of that pinned buffer, valid until the next one is read.
     """
     with open(path, "rb") as f:
         size = path.stat().st_size
@@ -85,19 +111,24 @@ def read_safetensors(path: Path):
             if end == start:
                 yield name, torch.empty(info["shape"], dtype=dtype)
                 continue
+            f.seek(8 + n + start)
+            if staging is not None:
+                buf = staging.take(end - start)
+                f.readinto(buf.numpy())
+                yield name, buf.view(dtype).reshape(info["shape"])
+                continue
             # An anonymous mapping of its own per tensor, returned to the OS when the tensor is freed;
             # malloc'd buffers would leave the heap fragmented, holding the freed 16-bit bytes.
             buf = mmap.mmap(-1, end - start, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
-            f.seek(8 + n + start)
             f.readinto(buf)
             yield name, torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
 
 
-def read_tensors(path: Path):
+def read_tensors(path: Path, staging: Staging | None = None):
     """Yield (name, tensor) one at a time, so only one tensor is materialised at once."""
     try:
         if path.suffix == ".safetensors":
-            yield from read_safetensors(path)
+            yield from read_safetensors(path, staging)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             yield from state.items()
@@ -124,9 +155,11 @@ def load_model(path, *, bits: int = 4, quant_type: str = "nf4", double_quant: bo
     modules = dict(model.named_modules())
     filled: dict[str, Path] = {}
 
+    device = torch.device(device)
+    staging = Staging() if device.type == "cuda" else None
     bar = tqdm(total=len(expected), desc="loading", unit="tensor", disable=not progress)
     for file in files:
-        for name, tensor in read_tensors(file):
+        for name, tensor in read_tensors(file, staging):
             if name.endswith(IGNORED_SUFFIXES) or (cfg.tie_word_embeddings and name == "lm_head.weight"):
                 continue
             if name not in expected:
@@ -143,6 +176,8 @@ def load_model(path, *, bits: int = 4, quant_type: str = "nf4", double_quant: bo
             module_name, _, attr = name.rpartition(".")
             module = modules[module_name]
             quantize = bits == 4 and isinstance(module, nn.Linear) and module_name != "lm_head"
+            if staging is not None:
+                tensor = staging.to_device(tensor, device)
             if quantize:
                 q = quantize_linear_weight(tensor.to(device), quant_type=quant_type,
                                            double_quant=double_quant, compute_dtype=dtype)

@@ -57,17 +57,25 @@ class KVCache:
 
     Slot s of every row holds the token fed at step s; a row's RoPE position may differ from its
     slot (left padding), which the caller expresses with position_ids and an attention mask.
+    static=True is the CUDA-graph form (generate.py): every call sees all `max_len` slots, and the
+    slots it writes are a tensor the caller sets (`slots`), so the shapes never change between steps.
     """
 
-    def __init__(self, cfg: LlamaConfig, batch: int, max_len: int, dtype, device):
+    def __init__(self, cfg: LlamaConfig, batch: int, max_len: int, dtype, device, static: bool = False):
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, nkv, S_max, hd)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.pos = 0  # slots filled so far
+        self.pos = 0  # slots filled so far (dynamic form)
         self.max_len = max_len
+        self.static = static
+        self.slots: torch.Tensor | None = None  # static form: (T,) the slots this call writes
 
     def update(self, layer: int, k, v):
         """Write this call's keys/values (B, nkv, T, hd); return all slots so far (B, nkv, S, hd)."""
+        if self.static:  # S = max_len; slots not yet written are masked out by the caller's mask
+            self.k[layer].index_copy_(2, self.slots, k)
+            self.v[layer].index_copy_(2, self.slots, v)
+            return self.k[layer], self.v[layer]
         end = self.pos + k.shape[2]
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
@@ -136,17 +144,24 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, kv_cache=None):
         B, T = input_ids.shape
-        start = 0 if kv_cache is None else kv_cache.pos
-        S = start + T
-        if kv_cache is not None and S > kv_cache.max_len:
-            raise ValueError(f"KV cache holds {kv_cache.max_len} slots; this call needs {S}")
+        if kv_cache is not None and kv_cache.static:  # fixed shapes: the caller sets slots and positions
+            if position_ids is None:
+                raise ValueError("a static KV cache needs explicit position_ids")
+            S, q_slot = kv_cache.max_len, kv_cache.slots  # q_slot (T,)
+        else:
+            start = 0 if kv_cache is None else kv_cache.pos
+            S = start + T
+            if kv_cache is not None and S > kv_cache.max_len:
+                raise ValueError(f"KV cache holds {kv_cache.max_len} slots; this call needs {S}")
+            if position_ids is None:
+                position_ids = torch.arange(start, S, device=input_ids.device).expand(B, T)  # (B, T)
+            plain_causal = attention_mask is None and (start == 0 or T == 1)
+            q_slot = None if plain_causal else torch.arange(start, S, device=input_ids.device)  # (T,)
         window = self.config.sliding_window
         if window is not None and S > window:
             raise ValueError(f"sequence of {S} tokens exceeds sliding_window={window}, "
                              "which this implementation does not apply")
-        if position_ids is None:
-            position_ids = torch.arange(start, S, device=input_ids.device).expand(B, T)  # (B, T)
-        mask = self.attention_mask(T, start, attention_mask, input_ids.device)
+        mask = None if q_slot is None else self.attention_mask(q_slot, S, attention_mask)
         x = self.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)  # (B, T, hd)
         for layer in self.layers:
@@ -154,27 +169,23 @@ class LlamaModel(nn.Module):
                 x = checkpoint(layer, x, cos, sin, mask, kv_cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, kv_cache)
-        if kv_cache is not None:
+        if kv_cache is not None and not kv_cache.static:
             kv_cache.pos = S
         return self.norm(x)
 
     @staticmethod
-    def attention_mask(T, start, key_mask, device):
-        """None for plain causal attention, else a bool mask (B, 1, T, S), True = may attend.
+    def attention_mask(q_slot, S, key_mask):
+        """A bool mask (B or 1, 1, T, S), True = may attend: query slots `q_slot` (T,) see slots <= their own.
 
         key_mask (B, S) marks real tokens 1 and padding 0 over every slot so far. Right padding
         needs no mask (real tokens never look right); left padding and cached steps do.
         """
-        if key_mask is None and (start == 0 or T == 1):
-            return None
-        S = start + T
-        q_slot = torch.arange(start, S, device=device)[:, None]  # (T, 1)
-        k_slot = torch.arange(S, device=device)[None, :]  # (1, S)
-        mask = (k_slot <= q_slot)[None, None]  # (1, 1, T, S)
+        k_slot = torch.arange(S, device=q_slot.device)[None, :]  # (1, S)
+        mask = (k_slot <= q_slot[:, None])[None, None]  # (1, 1, T, S)
         if key_mask is not None:
             mask = mask & key_mask[:, None, None, :S].bool()  # (B, 1, T, S)
             # A padding query would see no key at all (NaN); let it see itself. Its output is unused.
-            mask = mask | (k_slot == q_slot)[None, None]
+            mask = mask | (k_slot == q_slot[:, None])[None, None]
         return mask
 
 

@@ -158,3 +158,39 @@ def test_generate_text_api():
     assert out == [tok.decode(n) for n in new]
     with pytest.raises(PromptTooLongError, match="prompt 2"):
         generate(model, tok, ["a", "b", "長" * 1000], progress=False)
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.5])
+def test_static_cache_decode_equals_plain(models, penalty):
+    """The CUDA-graph path's fixed-shape step (every slot, written at a slot tensor), run eagerly here:
+    the same logits and tokens as the plain step, batched with left padding and per-row stops."""
+    _, mq = models
+    ps = prompts(5)
+    kw = dict(eos_ids=[EOS], max_new_tokens=NEW, repetition_penalty=penalty, pad_id=0)
+    plain = generate_ids(mq, ps, decode="plain", **kw)
+    assert generate_ids(mq, ps, decode="static", **kw) == plain
+    assert generate_ids(mq, ps, decode="auto", **kw) == plain  # auto is plain on the CPU
+    with pytest.raises(ValueError, match="decode="):
+        generate_ids(mq, ps, decode="fast", **kw)
+
+
+def test_static_step_logits_equal_plain(models):
+    from minqlora.generate import Decoder
+    from minqlora.model import KVCache
+    _, mq = models
+    torch.manual_seed(0)
+    ids = torch.randint(3, 128, (2, 7))
+    key_mask = torch.ones(2, 10, dtype=torch.long)
+    key_mask[1, :2] = 0  # row 1 is left-padded by two
+    lengths = key_mask[:, :7].sum(1)
+    positions = (key_mask[:, :7].cumsum(1) - 1).clamp(min=0)
+    logits = {}
+    with torch.no_grad():
+        for mode in ("plain", "static"):
+            cache = KVCache(mq.config, 2, 10, torch.float32, "cpu")
+            mq(ids, position_ids=positions, attention_mask=key_mask[:, :7], kv_cache=cache)
+            cache.static = mode == "static"
+            step = Decoder(mq, cache, key_mask, lengths, 7, mode)
+            logits[mode] = [step(torch.tensor([5, 9]), t) for t in range(3)]
+    for a, b in zip(logits["plain"], logits["static"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
