@@ -1,0 +1,92 @@
+"""Gradient accumulation: the forward and backward passes of one optimizer step.
+
+One optimizer step covers K micro-batches (--gradient_accumulation_steps). Its loss (--loss_normalization):
+    example  sum_k mean_tokens(micro-batch k) / K      what qlora.py's Trainer (transformers 4.3x) did
+    token    sum of every target token's loss / their count over the K micro-batches (transformers >= 4.46)
+Both are a weighted sum over the step's target tokens, sum_i w_i * nll_i, with
+    example  w_i = 1 / (K * n_k)   for a token of micro-batch k with n_k target tokens
+    token    w_i = 1 / N           N target tokens in the whole step.
+
+plain   one forward and backward per micro-batch, as transformers' Trainer runs it.
+packed  the fast path: the step's rows packed into as few passes as `pass_tokens` allows, each token
+        keeping its weight, so the gradient is the plain path's (up to float rounding and dropout's
+        random masks): a few large matmuls instead of K small ones. At micro-batch 1 the plain path
+        is bound by launching kernels, not by the GPU's arithmetic (bench/NOTES.md).
+Padding is on the right and labelled -100 (collate), so a row's tokens see exactly what they saw in
+their own micro-batch. Checked against the plain path in tests/test_accumulate.py.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .loss import IGNORE_INDEX, token_nll
+
+
+def token_weights(window, normalization: str) -> list[torch.Tensor]:
+    """Each micro-batch's per-token weights (B, T-1), zero where a token is not scored."""
+    scored = [(b["labels"][:, 1:] != IGNORE_INDEX).float() for b in window]  # (B, T-1) each
+    if normalization == "token":
+        total = max(sum(float(s.sum()) for s in scored), 1.0)
+        return [s / total for s in scored]
+    if normalization == "example":
+        return [s / (len(window) * max(float(s.sum()), 1.0)) for s in scored]
+    raise ValueError(f"loss normalization must be 'example' or 'token', got {normalization!r}")
+
+
+def plain(model, window, device, normalization="example", scaler=None) -> torch.Tensor:
+    """One forward and backward per micro-batch; return the step's loss (detached)."""
+    step_loss = torch.zeros((), device=device)
+    for b, w in zip(window, token_weights(window, normalization)):
+        nll, _ = token_nll(model(b["input_ids"].to(device)), b["labels"].to(device))  # (B, T-1)
+        loss = (nll * w.to(device)).sum()
+        (scaler.scale(loss) if scaler else loss).backward()
+        step_loss += loss.detach()
+    return step_loss
+
+
+def pack(window, weights, pad_id: int, pass_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The step's rows as passes of (ids (R, T), labels (R, T), weights (R, T-1)), R * T <= pass_tokens
+    (or one row when a row alone is longer); rows keep their order, each pass right-padded to its longest."""
+    rows = []
+    for b, w in zip(window, weights):
+        for i in range(b["input_ids"].shape[0]):
+            n = int(b["attention_mask"][i].sum())  # the row's real length (right padding)
+            rows.append((b["input_ids"][i, :n], b["labels"][i, :n], w[i, :max(n - 1, 0)]))
+    passes, current = [], []
+    for row in rows:
+        longest = max([len(r[0]) for r in current + [row]])
+        if current and longest * (len(current) + 1) > pass_tokens:
+            passes.append(current)
+            current = []
+        current.append(row)
+    passes.append(current)
+    out = []
+    for rs in passes:
+        T = max(len(r[0]) for r in rs)
+        ids = torch.stack([F.pad(r[0], (0, T - len(r[0])), value=pad_id) for r in rs])  # (R, T)
+        labels = torch.stack([F.pad(r[1], (0, T - len(r[1])), value=IGNORE_INDEX) for r in rs])  # (R, T)
+        w = torch.stack([F.pad(r[2], (0, T - 1 - len(r[2])), value=0.0) for r in rs])  # (R, T-1)
+        out.append((ids, labels, w))
+    return out
+
+
+def packed(model, window, device, normalization="example", scaler=None, *, pad_id: int = 0,
+           pass_tokens: int = 4096) -> torch.Tensor:
+    """The fast path: the same weighted loss and gradient as `plain`, in ceil(tokens / pass_tokens) passes."""
+    step_loss = torch.zeros((), device=device)
+    for ids, labels, w in pack(window, token_weights(window, normalization), pad_id, pass_tokens):
+        nll, _ = token_nll(model(ids.to(device)), labels.to(device))  # (R, T-1)
+        loss = (nll * w.to(device)).sum()
+        (scaler.scale(loss) if scaler else loss).backward()
+        step_loss += loss.detach()
+    return step_loss
+
+
+def gradients(model, window, device, normalization="example", scaler=None, *, pad_id: int = 0,
+              pass_tokens: int = 0) -> torch.Tensor:
+    """Forward and backward every micro-batch of one optimizer step; gradients accumulate in .grad.
+    pass_tokens > 0: the packed fast path with at most that many tokens per pass; 0: the plain path."""
+    if pass_tokens > 0:
+        return packed(model, window, device, normalization, scaler, pad_id=pad_id, pass_tokens=pass_tokens)
+    return plain(model, window, device, normalization, scaler)
