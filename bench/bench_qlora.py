@@ -1,15 +1,22 @@
-"""minqlora's side of the peer benchmark: the same measurements as the transformers + peft + bitsandbytes
-baseline (`hf_qlora_baseline.py`, qlora.py's settings), on the same random Llama-2-7B-shaped checkpoint.
+"""minqlora's side of the peer benchmark (bench/bench.py runs it beside the peer, on the same card).
 
-Loads the checkpoint in NF4 with double quantization and bf16 compute, LoRA r=64 alpha=16 on every linear
-but lm_head, gradient checkpointing, paged AdamW 32-bit; times training micro-steps, forward-only
-perplexity batches and greedy KV-cached generation. One JSON line per measurement, same keys as the peer's,
-so the two outputs of one run on one card give the ratios. Run the peer first: it writes the checkpoint.
+The same random Llama-2-7B-shaped checkpoint as the peer (`hf_qlora_baseline.py`), NF4 + double quant,
+bf16 compute, LoRA r=64 alpha=16 on every linear but lm_head, gradient checkpointing, paged AdamW 32-bit.
+Each line is timed with the fast paths on, after a correctness gate that compares them with minqlora's
+plain eager path on the same inputs (loss within 1e-2 relative, LoRA-gradient cosine >= 0.999, the first
+32 greedy tokens identical). One JSON line per measurement (impl "minqlora").
 
-    python bench/bench_qlora.py --ckpt /tmp/llama2-7b-random
+    T1         micro-batch 1 x 256 x accumulation 16, packed passes + bf16 LoRA path
+    T1-strict  the same in 16 batch-1 passes (bf16 LoRA path)
+    T1-plain   the plain path (fp32 LoRA path, batch-1 passes): the speed before the fast paths
+    T2         batch 16 x 256 in one pass;  T3 the course's train.json with the seed's flags
+    E1/E1b     forward 64 x 256 at batch 1 / 16;  E2 the course metric over public_test.json
+    G1         greedy, 64-token prompt, 128 new tokens, CUDA-graph decode;  L1 load + quantize
 """
 import argparse
 import json
+import math
+import resource
 import sys
 import time
 from pathlib import Path
@@ -19,97 +26,278 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bitsandbytes as bnb  # noqa: E402
 import torch  # noqa: E402
 
+from minqlora import accumulate  # noqa: E402
 from minqlora.generate import generate_ids  # noqa: E402
 from minqlora.loader import load_model  # noqa: E402
-from minqlora.lora import apply_lora  # noqa: E402
-from minqlora.loss import causal_lm_loss  # noqa: E402
+from minqlora.lora import apply_lora, lora_modules, set_compute_dtype  # noqa: E402
+from minqlora.loss import IGNORE_INDEX  # noqa: E402
+from minqlora.perplexity import mean_perplexity, perplexities  # noqa: E402
+from minqlora.tokenizer import Tokenizer  # noqa: E402
+
+ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately "
+          "completes the request.\n\n### Instruction:\n{}\n\n### Response: ")
+COURSE = ("你是人工智慧助理，以下是用戶和人工智能助理之間的對話。"
+          "你要對用戶的問題提供有用、安全、詳細和禮貌的回答。USER: {} ASSISTANT:")
+PASS_TOKENS = 4096
 
 
 def log(**kw):
     print(json.dumps({"impl": "minqlora", **kw}), flush=True)
 
 
-def load(path):
-    t = time.time()
-    model = load_model(path, bits=4, quant_type="nf4", double_quant=True, dtype=torch.bfloat16,
-                       device="cuda", progress=False)
-    apply_lora(model, r=64, alpha=16, dropout=0.01, targets="all")  # freezes the rest, prints counts
-    model.model.gradient_checkpointing = True
-    log(event="loaded", seconds=round(time.time() - t, 1),
-        mem_gib=round(torch.cuda.memory_allocated() / 2**30, 2))
-    return model
+def sync_time():
+    torch.cuda.synchronize()
+    return time.perf_counter()
 
 
-def train_speed(model, batch, seq, accum, steps):
+def batch_of(rows, pad_id=0):
+    """Right-padded {input_ids, labels, attention_mask} from (ids, labels) lists."""
+    T = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def random_window(g, batch, seq, accum):
+    out = []
+    for _ in range(accum):
+        rows = []
+        for _ in range(batch):
+            ids = torch.randint(3, 32000, (seq,), generator=g).tolist()
+            rows.append((ids, [IGNORE_INDEX] * (seq // 2) + ids[seq // 2:]))  # source tokens not scored
+        out.append(batch_of(rows))
+    return out
+
+
+def configure(model, *, lora_bf16, pass_tokens):
+    set_compute_dtype(model, torch.bfloat16 if lora_bf16 else None)
+    return lambda win: accumulate.gradients(model, win, "cuda", "example", pad_id=0, pass_tokens=pass_tokens)
+
+
+def grads(model):
+    return torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
+
+
+def gate_train(model, g):
+    """Each training fast path against the plain path (fp32 LoRA, batch-1 passes), dropout off."""
+    win = random_window(g, 1, 256, 16)
+    with torch.no_grad():  # a non-zero B, so that lora_A gets gradients too
+        for m in lora_modules(model).values():
+            m.lora_B.weight.normal_(0, 1e-3)
+    drops = [m.lora_dropout for m in lora_modules(model).values() if hasattr(m.lora_dropout, "p")]
+    saved = [d.p for d in drops]
+    for d in drops:
+        d.p = 0.0
+    results = {}
+    for name, kw in (("plain", dict(lora_bf16=False, pass_tokens=0)), ("T1-strict", dict(lora_bf16=True, pass_tokens=0)),
+                     ("T1", dict(lora_bf16=True, pass_tokens=PASS_TOKENS))):
+        model.zero_grad(set_to_none=True)
+        loss = float(configure(model, **kw)(win))
+        results[name] = (loss, grads(model))
+    ref_loss, ref_grad = results.pop("plain")
+    for name, (loss, grad) in results.items():
+        rel = abs(loss - ref_loss) / abs(ref_loss)
+        cos = float(torch.nn.functional.cosine_similarity(grad, ref_grad, dim=0))
+        log(event="gate", line=name, loss_rel=rel, grad_cos=cos, ok=rel <= 1e-2 and cos >= 0.999)
+    for d, p in zip(drops, saved):
+        d.p = p
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.zero_()
+
+
+def train_speed(model, line, g, *, batch, seq, accum, steps, lora_bf16, pass_tokens, windows=None):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = bnb.optim.PagedAdamW32bit(params, lr=3e-4, betas=(0.9, 0.999), weight_decay=0.0)
+    run = configure(model, lora_bf16=lora_bf16, pass_tokens=pass_tokens)
     model.train()
-    g = torch.Generator(device="cuda").manual_seed(0)
+    windows = windows or [random_window(g, batch, seq, accum) for _ in range(steps + 1)]
 
-    def step():
-        for _ in range(accum):
-            ids = torch.randint(3, 32000, (batch, seq), device="cuda", generator=g)
-            labels = ids.clone()
-            labels[:, : seq // 2] = -100  # source tokens are not scored
-            loss = causal_lm_loss(model(ids), labels) / accum
-            loss.backward()
+    def step(win):
+        run(win)
         torch.nn.utils.clip_grad_norm_(params, 0.3)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # warm-up
-    torch.cuda.synchronize()
+    step(windows[0])  # warm-up
     torch.cuda.reset_peak_memory_stats()
-    t = time.time()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    dt = time.time() - t
-    log(event="train", batch=batch, seq=seq, accum=accum, opt_steps=steps,
-        tokens_per_s=round(steps * accum * batch * seq / dt, 1), s_per_opt_step=round(dt / steps, 3),
-        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+    t = sync_time()
+    for win in windows[1:]:
+        step(win)
+    dt = sync_time() - t
+    toks = sum(int(b["attention_mask"].sum()) for win in windows[1:] for b in win)
+    log(event="train", line=line, tokens=toks, opt_steps=len(windows) - 1, tokens_per_s=round(toks / dt, 1),
+        s_per_opt_step=round(dt / (len(windows) - 1), 3), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
     del opt
     torch.cuda.empty_cache()
 
 
+def t3_windows(tok, records, accum, smax=128, tmax=128):
+    """The seed's flags on train.json: alpaca prompt, source/target cut at 128, group_by_length at batch 1
+    (mega-batches of 50 records, longest first, as the peer orders them), micro-batch 1 x accumulation 16."""
+    ex = []
+    for r in records:
+        s = tok.encode(ALPACA.format(r["instruction"]), bos=True)[:smax]
+        t = (tok.encode(r["output"]) + [tok.eos_id])[:tmax]
+        ex.append((s + t, [IGNORE_INDEX] * len(s) + t))
+    order = []
+    for i in range(0, len(ex), 50):
+        order += sorted(range(i, min(i + 50, len(ex))), key=lambda j: -len(ex[j][0]))
+    wins = [[batch_of([ex[j]]) for j in order[k:k + accum]] for k in range(0, len(order) - len(order) % accum, accum)]
+    return [wins[0]] + wins  # the first again as the warm-up
+
+
 @torch.inference_mode()
-def eval_speed(model, n, seq, batch):
+def eval_speed(model, line, n, seq, batch):
     model.eval()
     g = torch.Generator(device="cuda").manual_seed(1)
     ids = torch.randint(3, 32000, (n, seq), device="cuda", generator=g)
     model(ids[:batch])
-    torch.cuda.synchronize()
-    t = time.time()
+    t = sync_time()
     for i in range(0, n, batch):
         model(ids[i:i + batch])
-    torch.cuda.synchronize()
-    log(event="eval_forward", examples=n, seq=seq, batch=batch, examples_per_s=round(n / (time.time() - t), 2))
+    log(event="eval_forward", line=line, examples=n, batch=batch, examples_per_s=round(n / (sync_time() - t), 2))
 
 
-def gen_speed(model, prompt_len, new_tokens):
+def e2(model, tok, records, batch_size):
+    prompt = lambda r: COURSE.format(r["instruction"])  # noqa: E731
+    perplexities(model, tok, records[:batch_size], prompt, batch_size=batch_size, progress=False)  # warm-up
+    t = sync_time()
+    ppl = perplexities(model, tok, records, prompt, batch_size=batch_size, progress=False)
+    dt = sync_time() - t
+    log(event="E2_course_ppl", line="E2", examples=len(records), batch=batch_size,
+        examples_per_s=round(len(records) / dt, 2), mean_ppl=mean_perplexity(ppl))
+
+
+def g1(model, prompt_len=64, new_tokens=128):
     model.eval()
-    prompt = torch.randint(3, 32000, (prompt_len,)).tolist()
-    generate_ids(model, [prompt], eos_ids=[], max_new_tokens=4)
-    torch.cuda.synchronize()
-    t = time.time()
-    out = generate_ids(model, [prompt], eos_ids=[], max_new_tokens=new_tokens)
-    torch.cuda.synchronize()
-    log(event="generate", prompt=prompt_len, new_tokens=len(out[0]),
-        tokens_per_s=round(len(out[0]) / (time.time() - t), 1))
+    prompt = torch.randint(3, 32000, (prompt_len,), generator=torch.Generator().manual_seed(2)).tolist()
+    plain = generate_ids(model, [prompt], eos_ids=[], max_new_tokens=32, decode="plain")[0]
+    graph = generate_ids(model, [prompt], eos_ids=[], max_new_tokens=32, decode="graph")[0]
+    log(event="gate", line="G1", same_first_32=plain == graph, ok=plain == graph)
+    out = {}
+    for mode in ("plain", "graph"):
+        generate_ids(model, [prompt], eos_ids=[], max_new_tokens=4, decode=mode)
+        t = sync_time()
+        new = generate_ids(model, [prompt], eos_ids=[], max_new_tokens=new_tokens, decode=mode)[0]
+        out[mode] = len(new) / (sync_time() - t)
+    log(event="generate", line="G1", new_tokens=new_tokens, tokens_per_s=round(out["graph"], 1),
+        plain_tokens_per_s=round(out["plain"], 1))
+
+
+def profile(model, g, folder):
+    """torch.profiler tables of one T1-strict micro-batch, one T2 pass and one plain decode step."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.train()
+    cases = {"t1_micro": (dict(lora_bf16=True, pass_tokens=0), random_window(g, 1, 256, 1)),
+             "t1_micro_fp32lora": (dict(lora_bf16=False, pass_tokens=0), random_window(g, 1, 256, 1)),
+             "t2_pass": (dict(lora_bf16=True, pass_tokens=PASS_TOKENS), random_window(g, 16, 256, 1))}
+    for name, (kw, win) in cases.items():
+        fn = configure(model, **kw)
+        fn(win)  # warm-up
+        torch.cuda.synchronize()
+        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            t = time.perf_counter()
+            fn(win)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t
+        model.zero_grad(set_to_none=True)
+        ev = p.key_averages()
+        gpu_us = sum(e.self_device_time_total for e in ev)
+        log(event="profile", case=name, wall_ms=round(wall * 1e3, 1), gpu_busy_ms=round(gpu_us / 1e3, 1))
+        with open(folder / "profiles.txt", "a") as f:
+            f.write(f"==== {name}: wall {wall * 1e3:.1f} ms, GPU busy {gpu_us / 1e3:.1f} ms\n")
+            f.write(
+            ev.table(sort_by="self_device_time_total", row_limit=30) + "\n\n"
+            + ev.table(sort_by="self_cpu_time_total", row_limit=30))
+    set_compute_dtype(model, None)
+    model.eval()
+    with torch.inference_mode():
+        from minqlora.model import KVCache
+        cache = KVCache(model.config, 1, 80, torch.bfloat16, "cuda")
+        model(torch.randint(3, 32000, (1, 64), device="cuda"), kv_cache=cache)
+        tok = torch.randint(3, 32000, (1, 1), device="cuda")
+        model(tok, kv_cache=cache)
+        torch.cuda.synchronize()
+        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            t = time.perf_counter()
+            model(tok, kv_cache=cache)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t
+    ev = p.key_averages()
+    log(event="profile", case="decode_step", wall_ms=round(wall * 1e3, 1),
+        gpu_busy_ms=round(sum(e.self_device_time_total for e in ev) / 1e3, 1))
+    with open(folder / "profiles.txt", "a") as f:
+        f.write(f"==== decode_step: wall {wall * 1e3:.1f} ms\n")
+        f.write(ev.table(sort_by="self_device_time_total", row_limit=30) + "\n\n"
+                + ev.table(sort_by="self_cpu_time_total", row_limit=30))
+    model.train()
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--shared", default=None, help="folder with data/adl2023-hw3 and tokenizers/llama2 (T3, E2)")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--t3_records", type=int, default=128)
+    ap.add_argument("--e2_batch", type=int, default=32)
+    ap.add_argument("--lines", default="L1,gate,T1,T1-strict,T1-plain,T2,T3,E1,E2,G1")
+    ap.add_argument("--profile", default=None, help="folder for torch profiles of the steps")
     args = ap.parse_args()
-    log(event="env", gpu=torch.cuda.get_device_name(0), torch=torch.__version__)
-    model = load(args.ckpt)
-    train_speed(model, batch=1, seq=256, accum=16, steps=args.steps)  # the seed's setting
-    train_speed(model, batch=16, seq=256, accum=1, steps=args.steps)  # same tokens per step, one pass
-    eval_speed(model, n=64, seq=256, batch=1)
-    eval_speed(model, n=64, seq=256, batch=16)
-    gen_speed(model, prompt_len=64, new_tokens=128)
+    lines = set(args.lines.split(","))
+    log(event="env", gpu=torch.cuda.get_device_name(0), torch=torch.__version__, bnb=bnb.__version__)
+    torch.backends.cuda.matmul.allow_tf32 = True  # as qlora.py and train.py
+    t = time.perf_counter()
+    model = load_model(args.ckpt, bits=4, quant_type="nf4", double_quant=True, dtype=torch.bfloat16,
+                       device="cuda", progress=False)
+    torch.cuda.synchronize()
+    log(event="loaded", line="L1", seconds=round(time.perf_counter() - t, 2),
+        host_peak_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        mem_gib=round(torch.cuda.memory_allocated() / 2**30, 2))
+    apply_lora(model, r=64, alpha=16, dropout=0.01, targets="all")  # freezes the rest, prints counts
+    model.model.gradient_checkpointing = True
+    g = torch.Generator().manual_seed(0)
+    if args.profile:
+        profile(model, g, args.profile)
+    if "gate" in lines:
+        gate_train(model, g)
+    kw = dict(batch=1, seq=256, accum=16, steps=args.steps)
+    if "T1" in lines:
+        train_speed(model, "T1", g, lora_bf16=True, pass_tokens=PASS_TOKENS, **kw)
+    if "T1-strict" in lines:
+        train_speed(model, "T1-strict", g, lora_bf16=True, pass_tokens=0, **kw)
+    if "T1-plain" in lines:
+        train_speed(model, "T1-plain", g, lora_bf16=False, pass_tokens=0, **kw)
+    if "T2" in lines:
+        train_speed(model, "T2", g, batch=16, seq=256, accum=1, steps=args.steps, lora_bf16=True, pass_tokens=PASS_TOKENS)
+    tok = records = None
+    if args.shared:
+        shared = Path(args.shared)
+        tok = Tokenizer.from_dir(shared / "tokenizers/llama2")
+        records = {s: json.loads((shared / f"data/adl2023-hw3/{s}.json").read_text(encoding="utf-8"))
+                   for s in ("train", "public_test")}
+    if "T3" in lines and tok:
+        wins = t3_windows(tok, records["train"][:args.t3_records], 16)
+        train_speed(model, "T3", g, batch=1, seq=0, accum=16, steps=0, lora_bf16=True, pass_tokens=PASS_TOKENS,
+                    windows=wins)
+    set_compute_dtype(model, None)  # inference: the adapter's fp32 path, as peft (the course's number)
+    with torch.no_grad():  # a fresh adapter again (B = 0), as the peer's E2 and G1 see theirs
+        for m in lora_modules(model).values():
+            m.lora_B.weight.zero_()
+    if "E1" in lines:
+        eval_speed(model, "E1", 64, 256, 1)
+        eval_speed(model, "E1b", 64, 256, 16)
+    if "E2" in lines and tok:
+        e2(model, tok, records["public_test"], args.e2_batch)
+    if "G1" in lines:
+        g1(model)
 
 
 if __name__ == "__main__":

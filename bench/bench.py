@@ -1,0 +1,132 @@
+"""The benchmark in one command: the peer (transformers + peft + bitsandbytes, qlora.py's settings) and
+minqlora on the same card, the same random Llama-2-7B-shaped checkpoint, in one run; one table, one JSON.
+
+    python bench/bench.py --shared SHARED --out OUT_DIR
+
+SHARED holds the peer's scripts (bench/hf_qlora_baseline.py, bench/hf_real_workload.py), the course data
+(data/adl2023-hw3/) and the Llama-2 tokenizer (tokenizers/llama2/): the project's shared folder, or a copy.
+The peer's baseline writes the checkpoint (--ckpt) once; then the peer's real-workload lines
+(bench/peer_real.py), then minqlora (bench/bench_qlora.py), each in its own process so that peaks and host
+memory are each one's own. A line whose correctness gate fails prints FAIL instead of a ratio.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+GIB_7B_LINEARS = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008) + 4096 * 32000  # weights in matmuls (lm_head too)
+
+# line: (peer event, minqlora event, the figure, unit, higher is better)
+ROWS = [
+    ("T1", "train:1x256x16", "T1", "tokens_per_s", "tokens/s"),
+    ("T1-strict", "train:1x256x16", "T1-strict", "tokens_per_s", "tokens/s"),
+    ("T1-plain", "train:1x256x16", "T1-plain", "tokens_per_s", "tokens/s"),
+    ("T2", "train:16x256x1", "T2", "tokens_per_s", "tokens/s"),
+    ("T3", "T3_train_real", "T3", "tokens_per_s", "tokens/s"),
+    ("E1", "eval_forward:1", "E1", "examples_per_s", "examples/s"),
+    ("E1b", "eval_forward:16", "E1b", "examples_per_s", "examples/s"),
+    ("E2", "E2_course_ppl", "E2", "examples_per_s", "examples/s"),
+    ("G1", "generate", "G1", "tokens_per_s", "tokens/s"),
+    ("L1", "loaded", "L1", "seconds", "s (lower is better)"),
+]
+GATES = {"T1": "T1", "T1-strict": "T1-strict", "T3": "T1", "G1": "G1", "E2": "E2"}
+
+
+def run(cmd, log_path):
+    """Run one side, echoing its output; return its JSON lines."""
+    print("+", " ".join(map(str, cmd)), flush=True)
+    lines = []
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        for line in proc.stdout:
+            log.write(line)
+            if line.startswith("{"):
+                lines.append(json.loads(line))
+                print("  ", line.rstrip(), flush=True)
+        if proc.wait() != 0:
+            print(f"error: {cmd[1]} exited with {proc.returncode}; see {log_path}", flush=True)
+    return lines
+
+
+def peer_key(r):
+    if r.get("event") == "train":
+        return f"train:{r['batch']}x{r['seq']}x{r['accum']}"
+    if r.get("event") == "eval_forward":
+        return f"eval_forward:{r['batch']}"
+    return r.get("event")
+
+
+def table(peer, mine, gates, ceiling_tflops):
+    peer_by = {peer_key(r): r for r in peer}
+    mine_by = {r["line"]: r for r in mine if "line" in r and r.get("event") != "gate"}
+    out = ["| line | peer | minqlora | minqlora / peer | peer peak GiB | minqlora peak GiB | minqlora MFU |",
+           "|---|---|---|---|---|---|---|"]
+    for line, pkey, mkey, field, unit in ROWS:
+        p, m = peer_by.get(pkey), mine_by.get(mkey)
+        pv, mv = (p or {}).get(field), (m or {}).get(field)
+        ratio = ""
+        if pv and mv:
+            ratio = f"{pv / mv:.2f}x faster" if line == "L1" else f"{mv / pv:.2f}x"
+        gate = gates.get(GATES.get(line))
+        if gate is not None and not gate:
+            ratio = "FAIL"
+        mfu = ""
+        if m and field == "tokens_per_s" and line.startswith("T"):  # forward + input-gradient backward: 4N/token
+            mfu = f"{100 * mv * 4 * GIB_7B_LINEARS / (ceiling_tflops * 1e12):.1f}%"
+        out.append(f"| {line} ({unit}) | {pv if pv is not None else '-'} | {mv if mv is not None else '-'} | {ratio} "
+                   f"| {(p or {}).get('peak_gib', '')} | {(m or {}).get('peak_gib', '')} | {mfu} |")
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shared", required=True, help="folder with bench/, data/adl2023-hw3/, tokenizers/llama2/")
+    ap.add_argument("--out", required=True, help="folder for results.json, table.md and the logs")
+    ap.add_argument("--ckpt", default="/tmp/llama2-7b-random")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--t3_records", type=int, default=128)
+    ap.add_argument("--skip_peer", action="store_true", help="minqlora only")
+    ap.add_argument("--lines", default=None, help="minqlora's lines to run (bench_qlora.py --lines)")
+    ap.add_argument("--profile", default=None, help="write torch profiles of minqlora's steps to this folder")
+    args = ap.parse_args()
+    shared, out = Path(args.shared).resolve(), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    peer = []
+    if args.skip_peer and not (Path(args.ckpt) / "config.json").exists():  # the peer's own checkpoint writer
+        run([py, "-c", f"import sys; sys.path.insert(0, {str(shared / 'bench')!r}); from hf_qlora_baseline "
+             f"import make_ckpt; make_ckpt({args.ckpt!r}, 32)"], out / "ckpt.log")
+    if not args.skip_peer:
+        peer += run([py, shared / "bench/hf_qlora_baseline.py", "--ckpt", args.ckpt, "--steps", args.steps],
+                    out / "peer_baseline.log")
+        peer += run([py, HERE / "peer_real.py", "--peer_dir", shared / "bench", "--shared", shared,
+                     "--ckpt", args.ckpt, "--t3_records", args.t3_records], out / "peer_real.log")
+    mine = run([py, HERE / "bench_qlora.py", "--ckpt", args.ckpt, "--shared", shared, "--steps", args.steps,
+                "--t3_records", args.t3_records] + (["--lines", args.lines] if args.lines else [])
+               + (["--profile", args.profile] if args.profile else []), out / "minqlora.log")
+    gates = {r["line"]: bool(r["ok"]) for r in mine if r.get("event") == "gate"}
+    p_e2 = next((r for r in peer if r.get("event") == "E2_course_ppl"), None)
+    m_e2 = next((r for r in mine if r.get("event") == "E2_course_ppl"), None)
+    if p_e2 and m_e2:
+        rel = abs(m_e2["mean_ppl"] - p_e2["mean_ppl"]) / abs(p_e2["mean_ppl"])
+        gates["E2"] = rel <= 2e-3
+        print(f"E2 gate: mean perplexity peer {p_e2['mean_ppl']} minqlora {m_e2['mean_ppl']:.4f} "
+              f"(relative difference {rel:.2e}, limit 2e-3): {'ok' if gates['E2'] else 'FAIL'}")
+    ceiling = next((r["bf16_matmul_tflops"] for r in peer if r.get("event") == "ceilings"), 792.0)
+    md = table(peer, mine, gates, ceiling)
+    env = next((r for r in mine if r.get("event") == "env"), {})
+    (out / "table.md").write_text(md + "\n")
+    (out / "results.json").write_text(json.dumps({"env": env, "peer": peer, "minqlora": mine, "gates": gates,
+                                                  "bf16_matmul_tflops": ceiling}, indent=1))
+    print(f"\n{env.get('gpu')} | torch {env.get('torch')} | bitsandbytes {env.get('bnb')} | "
+          f"bf16 matmul ceiling {ceiling} TFLOP/s")
+    print("gates:", ", ".join(f"{k} {'ok' if v else 'FAIL'}" for k, v in gates.items()))
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
