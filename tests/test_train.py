@@ -53,7 +53,8 @@ def test_seed_command_runs_and_writes_everything(tmp_path, capsys):
     assert {"epoch", "grad_norm", "tokens_per_s", "elapsed"} <= set(train[0])
     assert [r["step"] for r in evals] == [3] and 1 < evals[0]["eval_ppl"] < 1e3
     start = next(r for r in log if r.get("event") == "start")
-    assert (start["train_examples"], start["eval_examples"], start["device"]) == (76, 1000, "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the seed command names none: auto
+    assert (start["train_examples"], start["eval_examples"], start["device"]) == (76, 1000, device)
     assert (out / "curves.csv").read_text().splitlines()[0] == "step,epoch,loss,eval_loss,eval_ppl"
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["step"] == 3 and state["epoch"] == 0 and state["pos"] == 48  # 3 steps x 16 micro-batches
