@@ -6,9 +6,9 @@ Each line is timed with the fast paths on, after a correctness gate that compare
 plain eager path on the same inputs (loss within 1e-2 relative, LoRA-gradient cosine >= 0.999, the first
 32 greedy tokens identical). One JSON line per measurement (impl "minqlora").
 
-    T1         micro-batch 1 x 256 x accumulation 16, packed passes + bf16 LoRA path
-    T1-strict  the same in 16 batch-1 passes (bf16 LoRA path)
-    T1-plain   the plain path (fp32 LoRA path, batch-1 passes): the speed before the fast paths
+    T1         micro-batch 1 x 256 x accumulation 16, the step's micro-batches packed into one pass
+    T1-strict  the same in 16 batch-1 passes, each replayed from CUDA graphs
+    T1-plain   the plain path (batch-1 passes, eager): the speed before the fast paths
     T2         batch 16 x 256 in one pass;  T3 the course's train.json with the seed's flags
     E1/E1b     forward 64 x 256 at batch 1 / 16;  E2 the course metric over public_test.json
     G1         greedy, 64-token prompt, 128 new tokens, CUDA-graph decode;  L1 load + quantize
@@ -72,16 +72,17 @@ def random_window(g, batch, seq, accum):
     return out
 
 
-def configure(model, *, lora_bf16, pass_tokens):
+def configure(model, *, lora_bf16=False, pass_tokens=0, graphs=None):
     set_compute_dtype(model, torch.bfloat16 if lora_bf16 else None)
-    return lambda win: accumulate.gradients(model, win, "cuda", "example", pad_id=0, pass_tokens=pass_tokens)
+    return lambda win: accumulate.gradients(model, win, "cuda", "example", pad_id=0, pass_tokens=pass_tokens,
+                                            graphs=graphs)
 
 
 def grads(model):
     return torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
 
 
-def gate_train(model, g):
+def gate_train(model, g, graphs):
     """Each training fast path against the plain path (fp32 LoRA, batch-1 passes), dropout off."""
     win = random_window(g, 1, 256, 16)
     with torch.no_grad():  # a non-zero B, so that lora_A gets gradients too
@@ -92,8 +93,8 @@ def gate_train(model, g):
     for d in drops:
         d.p = 0.0
     results = {}
-    for name, kw in (("plain", dict(lora_bf16=False, pass_tokens=0)), ("T1-strict", dict(lora_bf16=True, pass_tokens=0)),
-                     ("T1", dict(lora_bf16=True, pass_tokens=PASS_TOKENS))):
+    for name, kw in (("plain", {}), ("T1-strict", dict(graphs=graphs)), ("T1", dict(pass_tokens=PASS_TOKENS)),
+                     ("bf16-lora", dict(lora_bf16=True, pass_tokens=PASS_TOKENS))):
         model.zero_grad(set_to_none=True)
         loss = float(configure(model, **kw)(win))
         results[name] = (loss, grads(model))
@@ -110,10 +111,11 @@ def gate_train(model, g):
             m.lora_B.weight.zero_()
 
 
-def train_speed(model, line, g, *, batch, seq, accum, steps, lora_bf16, pass_tokens, windows=None):
+def train_speed(model, line, g, *, batch, seq, accum, steps, lora_bf16=False, pass_tokens=0, graphs=None,
+                windows=None):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = bnb.optim.PagedAdamW32bit(params, lr=3e-4, betas=(0.9, 0.999), weight_decay=0.0)
-    run = configure(model, lora_bf16=lora_bf16, pass_tokens=pass_tokens)
+    run = configure(model, lora_bf16=lora_bf16, pass_tokens=pass_tokens, graphs=graphs)
     model.train()
     windows = windows or [random_window(g, batch, seq, accum) for _ in range(steps + 1)]
 
@@ -196,9 +198,9 @@ def profile(model, g, folder):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.train()
-    cases = {"t1_micro": (dict(lora_bf16=True, pass_tokens=0), random_window(g, 1, 256, 1)),
-             "t1_micro_fp32lora": (dict(lora_bf16=False, pass_tokens=0), random_window(g, 1, 256, 1)),
-             "t2_pass": (dict(lora_bf16=True, pass_tokens=PASS_TOKENS), random_window(g, 16, 256, 1))}
+    cases = {"t1_micro": ({}, random_window(g, 1, 256, 1)),
+             "t2_pass": (dict(pass_tokens=PASS_TOKENS), random_window(g, 16, 256, 1)),
+             "t2_pass_bf16lora": (dict(lora_bf16=True, pass_tokens=PASS_TOKENS), random_window(g, 16, 256, 1))}
     for name, (kw, win) in cases.items():
         fn = configure(model, **kw)
         fn(win)  # warm-up
@@ -266,17 +268,22 @@ def main():
     g = torch.Generator().manual_seed(0)
     if args.profile:
         profile(model, g, args.profile)
+    graphs = accumulate.GraphedLoss(pad_id=0)
     if "gate" in lines:
-        gate_train(model, g)
+        gate_train(model, g, graphs)
     kw = dict(batch=1, seq=256, accum=16, steps=args.steps)
     if "T1" in lines:
-        train_speed(model, "T1", g, lora_bf16=True, pass_tokens=PASS_TOKENS, **kw)
+        train_speed(model, "T1", g, pass_tokens=PASS_TOKENS, **kw)
     if "T1-strict" in lines:
-        train_speed(model, "T1-strict", g, lora_bf16=True, pass_tokens=0, **kw)
+        train_speed(model, "T1-strict", g, graphs=graphs, **kw)
+    del graphs  # its graphs' memory pools
+    torch.cuda.empty_cache()
     if "T1-plain" in lines:
-        train_speed(model, "T1-plain", g, lora_bf16=False, pass_tokens=0, **kw)
+        train_speed(model, "T1-plain", g, **kw)
     if "T2" in lines:
-        train_speed(model, "T2", g, batch=16, seq=256, accum=1, steps=args.steps, lora_bf16=True, pass_tokens=PASS_TOKENS)
+        train_speed(model, "T2", g, batch=16, seq=256, accum=1, steps=args.steps, pass_tokens=PASS_TOKENS)
+        train_speed(model, "T2-bf16-lora", g, batch=16, seq=256, accum=1, steps=args.steps, lora_bf16=True,
+                    pass_tokens=PASS_TOKENS)
     tok = records = None
     if args.shared:
         shared = Path(args.shared)
@@ -285,8 +292,7 @@ def main():
                    for s in ("train", "public_test")}
     if "T3" in lines and tok:
         wins = t3_windows(tok, records["train"][:args.t3_records], 16)
-        train_speed(model, "T3", g, batch=1, seq=0, accum=16, steps=0, lora_bf16=True, pass_tokens=PASS_TOKENS,
-                    windows=wins)
+        train_speed(model, "T3", g, batch=1, seq=0, accum=16, steps=0, pass_tokens=PASS_TOKENS, windows=wins)
     set_compute_dtype(model, None)  # inference: the adapter's fp32 path, as peft (the course's number)
     with torch.no_grad():  # a fresh adapter again (B = 0), as the peer's E2 and G1 see theirs
         for m in lora_modules(model).values():

@@ -12,12 +12,15 @@ packed  the fast path: the step's rows packed into as few passes as `pass_tokens
         keeping its weight, so the gradient is the plain path's (up to float rounding and dropout's
         random masks): a few large matmuls instead of K small ones. At micro-batch 1 the plain path
         is bound by launching kernels, not by the GPU's arithmetic (bench/NOTES.md).
+graphs  (CUDA, with plain's micro-batch passes) each pass's forward and backward replayed from CUDA
+        graphs captured once per padded shape (GraphedLoss): one launch instead of thousands.
 Padding is on the right and labelled -100 (collate), so a row's tokens see exactly what they saw in
 their own micro-batch. Checked against the plain path in tests/test_accumulate.py.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from .loss import IGNORE_INDEX, token_nll
@@ -34,12 +37,67 @@ def token_weights(window, normalization: str) -> list[torch.Tensor]:
     raise ValueError(f"loss normalization must be 'example' or 'token', got {normalization!r}")
 
 
-def plain(model, window, device, normalization="example", scaler=None) -> torch.Tensor:
+def weighted_loss(model, ids, labels, w) -> torch.Tensor:
+    """sum_i w_i * nll_i over one pass's tokens."""
+    nll, _ = token_nll(model(ids), labels)  # (B, T-1)
+    return (nll * w).sum()
+
+
+class _Loss(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, labels, w):
+        return weighted_loss(self.model, ids, labels, w)
+
+
+class GraphedLoss:
+    """`weighted_loss` whose forward and backward are CUDA graphs, captured once per padded shape.
+
+    A pass's length is padded on the right to a multiple of `bucket` (labels -100, weight 0: the real
+    tokens see exactly what they saw), so a few shapes serve every length; at most `max_graphs` are kept,
+    each holding its activations in a memory pool of its own. Gradient checkpointing is off inside a
+    graph (its recompute restores RNG states, which a capture cannot): the activations of one pass are
+    kept, which at batch 1 is what the graph is for. Parameters' .grad accumulate as in eager mode.
+    """
+
+    def __init__(self, pad_id: int = 0, bucket: int = 128, max_graphs: int = 2):
+        self.pad_id, self.bucket, self.max_graphs = pad_id, bucket, max_graphs
+        self.graphs: dict[tuple[int, int], object] = {}
+
+    def __call__(self, model, ids, labels, w):
+        T = -(-ids.shape[1] // self.bucket) * self.bucket
+        ids = F.pad(ids, (0, T - ids.shape[1]), value=self.pad_id)  # (B, T)
+        labels = F.pad(labels, (0, T - labels.shape[1]), value=IGNORE_INDEX)  # (B, T)
+        w = F.pad(w, (0, T - 1 - w.shape[1]), value=0.0)  # (B, T-1)
+        key = tuple(ids.shape)
+        if key not in self.graphs:
+            if len(self.graphs) >= self.max_graphs:
+                self.graphs.pop(next(iter(self.graphs)))  # the oldest shape's graph and its memory go
+            lm = model.model
+            saved, lm.gradient_checkpointing = lm.gradient_checkpointing, False
+            try:
+                # a module of its own per shape: make_graphed_callables replaces that module's forward
+                self.graphs[key] = torch.cuda.make_graphed_callables(_Loss(model), (ids, labels, w),
+                                                                     allow_unused_input=True)
+            finally:
+                lm.gradient_checkpointing = saved
+        # The graph's backward returns gradients living in its own buffers; a parameter without a .grad
+        # would take that buffer as its .grad, and the next replay would overwrite it. With a .grad
+        # already there, autograd adds into it, as in eager mode.
+        for p in model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return self.graphs[key](ids, labels, w)
+
+
+def plain(model, window, device, normalization="example", scaler=None, graphs: GraphedLoss | None = None):
     """One forward and backward per micro-batch; return the step's loss (detached)."""
+    loss_fn = graphs or weighted_loss
     step_loss = torch.zeros((), device=device)
     for b, w in zip(window, token_weights(window, normalization)):
-        nll, _ = token_nll(model(b["input_ids"].to(device)), b["labels"].to(device))  # (B, T-1)
-        loss = (nll * w.to(device)).sum()
+        loss = loss_fn(model, b["input_ids"].to(device), b["labels"].to(device), w.to(device))
         (scaler.scale(loss) if scaler else loss).backward()
         step_loss += loss.detach()
     return step_loss
@@ -76,17 +134,17 @@ def packed(model, window, device, normalization="example", scaler=None, *, pad_i
     """The fast path: the same weighted loss and gradient as `plain`, in ceil(tokens / pass_tokens) passes."""
     step_loss = torch.zeros((), device=device)
     for ids, labels, w in pack(window, token_weights(window, normalization), pad_id, pass_tokens):
-        nll, _ = token_nll(model(ids.to(device)), labels.to(device))  # (R, T-1)
-        loss = (nll * w.to(device)).sum()
+        loss = weighted_loss(model, ids.to(device), labels.to(device), w.to(device))
         (scaler.scale(loss) if scaler else loss).backward()
         step_loss += loss.detach()
     return step_loss
 
 
 def gradients(model, window, device, normalization="example", scaler=None, *, pad_id: int = 0,
-              pass_tokens: int = 0) -> torch.Tensor:
+              pass_tokens: int = 0, graphs: GraphedLoss | None = None) -> torch.Tensor:
     """Forward and backward every micro-batch of one optimizer step; gradients accumulate in .grad.
-    pass_tokens > 0: the packed fast path with at most that many tokens per pass; 0: the plain path."""
+    pass_tokens > 0: the packed fast path with at most that many tokens per pass; 0: one pass per
+    micro-batch, eager or (graphs) replayed from CUDA graphs."""
     if pass_tokens > 0:
         return packed(model, window, device, normalization, scaler, pad_id=pad_id, pass_tokens=pass_tokens)
-    return plain(model, window, device, normalization, scaler)
+    return plain(model, window, device, normalization, scaler, graphs)
