@@ -82,7 +82,7 @@ def grads(model):
     return torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
 
 
-def gate_train(model, g, graphs):
+def gate_train(model, g):
     """Each training fast path against the plain path (fp32 LoRA, batch-1 passes), dropout off."""
     win = random_window(g, 1, 256, 16)
     with torch.no_grad():  # a non-zero B, so that lora_A gets gradients too
@@ -93,6 +93,8 @@ def gate_train(model, g, graphs):
     for d in drops:
         d.p = 0.0
     results = {}
+    model.train()  # as in training (checkpointing on), with dropout at p = 0 so that the paths are comparable
+    graphs = accumulate.GraphedLoss(pad_id=0)  # its own capture: the timed line captures with dropout on
     for name, kw in (("plain", {}), ("T1-strict", dict(graphs=graphs)), ("T1", dict(pass_tokens=PASS_TOKENS)),
                      ("bf16-lora", dict(lora_bf16=True, pass_tokens=PASS_TOKENS))):
         model.zero_grad(set_to_none=True)
@@ -268,16 +270,15 @@ def main():
     g = torch.Generator().manual_seed(0)
     if args.profile:
         profile(model, g, args.profile)
-    graphs = accumulate.GraphedLoss(pad_id=0)
     if "gate" in lines:
-        gate_train(model, g, graphs)
+        gate_train(model, g)
+        torch.cuda.empty_cache()
     kw = dict(batch=1, seq=256, accum=16, steps=args.steps)
     if "T1" in lines:
         train_speed(model, "T1", g, pass_tokens=PASS_TOKENS, **kw)
     if "T1-strict" in lines:
-        train_speed(model, "T1-strict", g, graphs=graphs, **kw)
-    del graphs  # its graphs' memory pools
-    torch.cuda.empty_cache()
+        train_speed(model, "T1-strict", g, graphs=accumulate.GraphedLoss(pad_id=0), **kw)
+        torch.cuda.empty_cache()  # the graphs' memory pools went with them
     if "T1-plain" in lines:
         train_speed(model, "T1-plain", g, **kw)
     if "T2" in lines:
