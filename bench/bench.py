@@ -25,7 +25,6 @@ ROWS = [
     ("T1-strict", "train:1x256x16", "T1-strict", "tokens_per_s", "tokens/s"),
     ("T1-plain", "train:1x256x16", "T1-plain", "tokens_per_s", "tokens/s"),
     ("T2", "train:16x256x1", "T2", "tokens_per_s", "tokens/s"),
-    ("T2-bf16-lora", "train:16x256x1", "T2-bf16-lora", "tokens_per_s", "tokens/s"),
     ("T3", "T3_train_real", "T3", "tokens_per_s", "tokens/s"),
     ("E1", "eval_forward:1", "E1", "examples_per_s", "examples/s"),
     ("E1b", "eval_forward:16", "E1b", "examples_per_s", "examples/s"),
@@ -33,8 +32,7 @@ ROWS = [
     ("G1", "generate", "G1", "tokens_per_s", "tokens/s"),
     ("L1", "loaded", "L1", "seconds", "s (lower is better)"),
 ]
-GATES = {"T1": "T1", "T1-strict": "T1-strict", "T2": "T1", "T3": "T1", "T2-bf16-lora": "bf16-lora", "G1": "G1",
-         "E2": "E2"}
+GATES = {"T1": "T1", "T1-strict": "T1-strict", "T2": "T1", "T3": "T1", "E1": "E1", "G1": "G1", "E2": "E2"}
 
 
 def run(cmd, log_path):

@@ -43,6 +43,20 @@ def weighted_loss(model, ids, labels, w) -> torch.Tensor:
     return (nll * w).sum()
 
 
+def scored_loss(model, ids, labels, w) -> torch.Tensor:
+    """weighted_loss with lm_head and the softmax only at the positions whose next token is scored (the
+    packed path): the same sum, a fraction of the logits' memory. `w` is on the CPU, so finding those
+    positions costs the GPU no wait."""
+    device = model.lm_head.weight.device
+    pos = (w > 0).flatten().nonzero().squeeze(1)  # (N,) indices into the (B * (T-1)) positions
+    h = model.model(ids.to(device))[:, :-1]  # (B, T-1, C): position t predicts token t+1
+    h = h.reshape(-1, h.shape[-1]).index_select(0, pos.to(device))  # (N, C)
+    logits = model.lm_head(h).float()  # (N, V)
+    targets = labels[:, 1:].flatten()[pos].to(device)  # (N,)
+    nll = F.cross_entropy(logits, targets, reduction="none")  # (N,)
+    return (nll * w.flatten()[pos].to(device)).sum()
+
+
 class _Loss(nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -103,17 +117,22 @@ def plain(model, window, device, normalization="example", scaler=None, graphs: G
     return step_loss
 
 
-def pack(window, weights, pad_id: int, pass_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def pack(window, weights, pad_id: int, pass_tokens: int, multiple: int = 64
+         ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The step's rows as passes of (ids (R, T), labels (R, T), weights (R, T-1)), R * T <= pass_tokens
-    (or one row when a row alone is longer); rows keep their order, each pass right-padded to its longest."""
+    (or one row when a row alone is longer); rows keep their order, each pass right-padded to its longest
+    row rounded up to `multiple` (a few shapes, so the GPU libraries' per-shape plans are reused)."""
     rows = []
     for b, w in zip(window, weights):
         for i in range(b["input_ids"].shape[0]):
             n = int(b["attention_mask"][i].sum())  # the row's real length (right padding)
             rows.append((b["input_ids"][i, :n], b["labels"][i, :n], w[i, :max(n - 1, 0)]))
     passes, current = [], []
+    def padded(n):
+        return -(-n // multiple) * multiple
+
     for row in rows:
-        longest = max([len(r[0]) for r in current + [row]])
+        longest = padded(max([len(r[0]) for r in current + [row]]))
         if current and longest * (len(current) + 1) > pass_tokens:
             passes.append(current)
             current = []
@@ -121,7 +140,7 @@ def pack(window, weights, pad_id: int, pass_tokens: int) -> list[tuple[torch.Ten
     passes.append(current)
     out = []
     for rs in passes:
-        T = max(len(r[0]) for r in rs)
+        T = padded(max(len(r[0]) for r in rs))
         ids = torch.stack([F.pad(r[0], (0, T - len(r[0])), value=pad_id) for r in rs])  # (R, T)
         labels = torch.stack([F.pad(r[1], (0, T - len(r[1])), value=IGNORE_INDEX) for r in rs])  # (R, T)
         w = torch.stack([F.pad(r[2], (0, T - 1 - len(r[2])), value=0.0) for r in rs])  # (R, T-1)
@@ -134,7 +153,7 @@ def packed(model, window, device, normalization="example", scaler=None, *, pad_i
     """The fast path: the same weighted loss and gradient as `plain`, in ceil(tokens / pass_tokens) passes."""
     step_loss = torch.zeros((), device=device)
     for ids, labels, w in pack(window, token_weights(window, normalization), pad_id, pass_tokens):
-        loss = weighted_loss(model, ids.to(device), labels.to(device), w.to(device))
+        loss = scored_loss(model, ids, labels, w)
         (scaler.scale(loss) if scaler else loss).backward()
         step_loss += loss.detach()
     return step_loss

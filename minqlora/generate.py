@@ -18,6 +18,7 @@ import contextlib
 import torch
 from tqdm import tqdm
 
+from .cudagraph import capture
 from .model import KVCache
 
 
@@ -63,19 +64,6 @@ class Decoder:
         self.cache.slots = self.slot
         return self.model(self.tok, position_ids=self.pos, attention_mask=self.key_mask, kv_cache=self.cache)
 
-    def _capture(self):
-        # Warm up on a side stream (cuBLAS and bitsandbytes set up their workspaces), then capture.
-        # The warm-up writes slot P, which the first real step overwrites.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._static_step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = self._static_step()  # (B, 1, V), rewritten by every replay
-
     def __call__(self, nxt, t: int):
         """Feed each row's token `nxt` (B,) at its step t; return the logits (B, 1, V)."""
         if self.mode == "plain":
@@ -86,8 +74,8 @@ class Decoder:
         self.slot.fill_(self.P + t)
         if self.mode == "static":
             return self._static_step()
-        if self.graph is None:
-            self._capture()
+        if self.graph is None:  # captured at the first step; the warm-up writes slot P, which it rewrites
+            self.graph, self.out = capture(self._static_step)
         self.graph.replay()
         return self.out
 

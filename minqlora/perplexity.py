@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from .atomic import atomic_file
+from .cudagraph import GraphedForward
 from .data import Example, collate
 from .generate import PromptTooLongError, eval_mode
 from .loss import IGNORE_INDEX, token_nll
@@ -45,12 +46,13 @@ def encode_example(tokenizer, prompt_text: str, output: str, max_length: int = 2
 
 @torch.inference_mode()
 def perplexities(model, tokenizer, records, prompt, *, batch_size: int = 8, max_length: int = 2048,
-                 progress: bool = True, source: str | None = None) -> list[float]:
+                 progress: bool = True, source: str | None = None, cuda_graphs: bool | None = None) -> list[float]:
     """Each record's perplexity of its `output` given `prompt(record)`, in record order.
 
     `prompt` is a prompts.Prompt (or any callable record -> str, e.g. a fewshot.FewShotPrompt).
     The model is scored in eval mode and put back in training mode afterwards if it was training.
     An example longer than the model's context is refused, naming `source` (the file) and the record.
+    cuda_graphs (default: on a CUDA device): forwards replayed from CUDA graphs (cudagraph.GraphedForward).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be at least 1")
@@ -67,6 +69,9 @@ def perplexities(model, tokenizer, records, prompt, *, batch_size: int = 8, max_
                 f"(max_position_embeddings) is {ctx}: lower --max_length to {ctx} or shorten the prompt")
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]), reverse=True)
     device = model.lm_head.weight.device
+    if cuda_graphs is None:
+        cuda_graphs = device.type == "cuda"
+    forward = GraphedForward(model, tokenizer.pad_id) if cuda_graphs else model
     out = [math.nan] * len(rows)
     with eval_mode(model), tqdm(total=len(rows), desc="perplexity", unit="example",
                                 disable=not progress) as bar:
@@ -74,7 +79,7 @@ def perplexities(model, tokenizer, records, prompt, *, batch_size: int = 8, max_
             batch = order[start:start + batch_size]
             b = collate([Example(*rows[i], length=len(rows[i][0])) for i in batch], tokenizer.pad_id)
             ids, labels = b["input_ids"].to(device), b["labels"].to(device)  # (B, T) right-padded
-            logits = model(ids)  # (B, T, V)
+            logits = forward(ids)  # (B, T, V)
             nll, mask = token_nll(logits, labels)  # (B, T-1) each
             # The course: exp(sum(loss * mask) / sum(mask)), in fp32; 0/0 gives NaN.
             ppl = torch.exp(nll.sum(1) / mask.sum(1))  # (B,)

@@ -76,6 +76,17 @@ def test_packed_equals_plain_equals_reference(model, normalization, pass_tokens)
     assert grad.abs().sum() > 0
 
 
+def test_scored_loss_equals_weighted_loss(model):
+    win = window(seed=3)
+    for ids, labels, w in accumulate.pack(win, accumulate.token_weights(win, "token"), PAD, 10_000):
+        a, ga = run(model, lambda: accumulate.weighted_loss(model, ids, labels, w).backward() or
+                    accumulate.weighted_loss(model, ids, labels, w).detach())
+        b, gb = run(model, lambda: accumulate.scored_loss(model, ids, labels, w).backward() or
+                    accumulate.scored_loss(model, ids, labels, w).detach())
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-7)
+
+
 def test_pack_respects_the_token_cap_and_keeps_every_scored_token():
     win = window(seed=2)
     weights = accumulate.token_weights(win, "example")
@@ -84,9 +95,12 @@ def test_pack_respects_the_token_cap_and_keeps_every_scored_token():
         assert sum(ids.shape[0] for ids, _, _ in passes) == 12  # every row, once
         for ids, labels, w in passes:
             assert ids.shape[0] == 1 or ids.numel() <= cap
+            assert ids.shape[1] % 64 == 0
             assert torch.equal(w > 0, labels[:, 1:] != IGNORE_INDEX)
         total = sum(float(w.sum()) for _, _, w in passes)
         assert total == pytest.approx(1.0)  # example weights: K micro-batch means / K
     assert len(accumulate.pack(win, weights, PAD, 10_000)) == 1
+    assert accumulate.pack(win, weights, PAD, 10_000, multiple=1)[0][0].shape[1] == max(
+        int(b["attention_mask"].sum(1).max()) for b in win)
     with pytest.raises(ValueError, match="normalization"):
         accumulate.token_weights(win, "batch")

@@ -194,3 +194,30 @@ def test_static_step_logits_equal_plain(models):
             logits[mode] = [step(torch.tensor([5, 9]), t) for t in range(3)]
     for a, b in zip(logits["plain"], logits["static"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_graphed_forward_pads_buckets_and_copies(models, monkeypatch):
+    """GraphedForward's shapes logic on the CPU, with a stand-in for CUDA's capture that reruns the
+    function on replay: right padding to the bucket leaves every real position's logits unchanged."""
+    from minqlora import cudagraph
+
+    class Replayer:
+        def __init__(self, fn):
+            self.fn, self.out = fn, fn()
+
+        def replay(self):
+            self.out.copy_(self.fn())
+
+    def fake_capture(fn):
+        g = Replayer(fn)
+        return g, g.out
+
+    monkeypatch.setattr(cudagraph, "capture", fake_capture)
+    _, mq = models
+    fwd = cudagraph.GraphedForward(mq, pad_id=0, multiple=16, max_graphs=2, max_tokens=64)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for B, T in ((1, 5), (1, 13), (2, 9), (1, 20), (4, 30)):  # the last is over max_tokens: eager
+            ids = torch.randint(3, 128, (B, T), generator=g)
+            torch.testing.assert_close(fwd(ids), mq(ids), rtol=1e-5, atol=1e-5)
+    assert set(fwd.graphs) == {(2, 16), (1, 32)}  # (1, 16) was the oldest when a third shape came
