@@ -69,7 +69,11 @@ class LoRALinear(nn.Module):
         # The low-rank path runs in the adapter's dtype (fp32), as peft computes it. (bf16 here, as qlora.py's
         # --bf16 does, was measured: 5% faster at batch 16 x 256, gradient cosine 0.997 vs fp32; bench/NOTES.md.)
         h = F.linear(self.lora_dropout(x).to(self.lora_A.weight.dtype), self.lora_A.weight)  # (..., r)
-        h = F.linear(h, self.lora_B.weight) * self.scaling  # (..., out)
+        if math.frexp(self.scaling)[0] == 0.5:  # 2^k scales exactly: the same bits on the r-wide tensor
+            # (alpha 16 / r 64 = 0.25 as in QLoRA) as on the out-wide one, for a fraction of the work
+            h = F.linear(h * self.scaling, self.lora_B.weight)  # (..., out)
+        else:
+            h = F.linear(h, self.lora_B.weight) * self.scaling  # (..., out), peft's order
         if isinstance(self.base_layer, Linear4bit):
             # peft's 4-bit layer (tuners/lora/bnb.py) casts the low-rank output to the result's dtype,
             # then adds: a bf16 model scores exactly as transformers + peft (the course's ppl.py) do.

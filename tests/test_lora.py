@@ -277,3 +277,16 @@ def test_bf16_4bit_base_matches_peft_bit_for_bit(quant_type):
     assert torch.equal(y, y_ref)
     assert not torch.equal(y, added_in_fp32)  # the test can tell the two roundings apart
 
+
+
+@pytest.mark.parametrize("alpha", [16, 24])  # scaling 0.25 (scaled on the r-wide tensor) and 0.375 (peft's order)
+def test_power_of_two_scaling_gives_peft_bits(alpha):
+    """With a power-of-two scaling the low-rank output is scaled before lora_B, bit for bit what peft's
+    `lora_B(lora_A(x)) * scaling` gives; other scalings use peft's order itself."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(IN, OUT, bias=False), 64, alpha)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+        x = torch.randn(257, IN)
+        peft_order = layer.base_layer(x) + (x @ layer.lora_A.weight.T @ layer.lora_B.weight.T) * layer.scaling
+        assert torch.equal(layer(x), peft_order)
