@@ -47,12 +47,6 @@ class RunLog:
     def close(self):
         self.f.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 def read_log(path) -> dict[str, list]:
     """{"train": [(step, loss)], "eval_loss": [(step, v)], "eval_ppl": [(step, v)], "rows": merged by step}."""

@@ -192,10 +192,11 @@ class Tokenizer:
         return cls(backend, bos_id, eos_id, special_id("pad"), tuple(sorted(stop_ids)))
 
     def encode(self, text, bos=False, eos=False):
+        """Token ids of `text`; bos/eos add the special ids (a tokenizer without one adds nothing)."""
         ids = self.backend.encode(text)
-        if bos:
+        if bos and self.bos_id is not None:
             ids = [self.bos_id] + ids
-        if eos:
+        if eos and self.eos_id is not None:
             ids = ids + [self.eos_id]
         return ids
 

@@ -221,8 +221,9 @@ def test_the_log_is_cut_by_renaming_a_new_file(tmp_path):
     path.write_text(path.read_text() + '{"step": 4, "lo')  # and a line cut short by a kill
     inode = path.stat().st_ino
     with open(path, encoding="utf-8") as reader:  # e.g. scripts/plot.py reading the log meanwhile
-        with RunLog(path, keep_until_step=2) as log:
-            log.write(step=3, loss=0.9)
+        log = RunLog(path, keep_until_step=2)
+        log.write(step=3, loss=0.9)
+        log.close()
         assert len(reader.read().splitlines()) == 5  # the old file was never truncated in place
     assert path.stat().st_ino != inode
     assert [json.loads(ln) for ln in path.read_text().splitlines()] == [
