@@ -29,6 +29,7 @@ import torch
 
 from .adapter import CONFIG_NAME, SAFETENSORS_NAME, load_adapter, save_adapter
 from .atomic import atomic_dir, atomic_file
+from .errors import BadInput
 
 PREFIX = "checkpoint-"
 STATE_PT, STATE_JSON = "trainer_state.pt", "trainer_state.json"
@@ -44,9 +45,6 @@ ORDER_FLAGS = ("dataset", "dataset_format", "source_max_len", "target_max_len", 
                "lr_scheduler_type", "loss_normalization", "lora_dropout", "bits", "bf16", "fp16", "optim",
                "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay", "max_grad_norm")
 
-
-class CheckpointError(ValueError):
-    pass
 
 
 def flag_changes(saved_args: dict, now: dict, where) -> list[str]:
@@ -88,14 +86,14 @@ def find_checkpoint(spec: str, output_dir) -> Path:
     if spec == "latest":
         found = list_checkpoints(output_dir)
         if not found:
-            raise CheckpointError(f"--resume_from_checkpoint latest: no {PREFIX}N folder in {output_dir}")
+            raise BadInput(f"--resume_from_checkpoint latest: no {PREFIX}N folder in {output_dir}")
         return found[-1][1]
     path = Path(spec)
     if not path.is_dir():
-        raise CheckpointError(f"--resume_from_checkpoint {spec}: no such folder")
+        raise BadInput(f"--resume_from_checkpoint {spec}: no such folder")
     for name in (STATE_PT, STATE_JSON, CONFIG_NAME):
         if not (path / name).exists():
-            raise CheckpointError(f"{path}: not a training checkpoint (no {name})")
+            raise BadInput(f"{path}: not a training checkpoint (no {name})")
     return path
 
 
@@ -105,7 +103,7 @@ def check_output_dir(output_dir, *, overwrite: bool, resuming: bool, resume_from
     output_dir). Changes nothing."""
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
-        raise CheckpointError(f"--output_dir {out} is a file")
+        raise BadInput(f"--output_dir {out} is a file")
     found = sorted(p.name for p in (out.iterdir() if out.is_dir() else [])
                    if p.name in RUN_FILES or re.fullmatch(rf"{PREFIX}\d+", p.name))
     here = resuming and (resume_from is None or Path(resume_from).resolve().parent == out.resolve())
@@ -114,12 +112,12 @@ def check_output_dir(output_dir, *, overwrite: bool, resuming: bool, resume_from
     if not overwrite:
         shown = ", ".join(found[:6]) + (" ..." if len(found) > 6 else "")
         if resuming:
-            raise CheckpointError(
+            raise BadInput(
                 f"--output_dir {out} holds another run ({shown}), not the one --resume_from_checkpoint "
                 f"{resume_from} belongs to ({Path(resume_from).parent}); continuing into it would mix the two "
                 "runs' logs and checkpoints. Use that run's folder as --output_dir, an empty --output_dir, or "
                 f"--overwrite_output_dir to delete the run in {out}")
-        raise CheckpointError(
+        raise BadInput(
             f"--output_dir {out} holds another run ({shown}). Continue it with --resume_from_checkpoint "
             "latest, choose another --output_dir, or pass --overwrite_output_dir to delete it")
     return found
@@ -189,12 +187,12 @@ def load_training_checkpoint(path, model, *, optimizer, scaler) -> tuple[dict, d
         state = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
         blob = torch.load(path / STATE_PT, map_location="cpu", weights_only=True)
     except (OSError, json.JSONDecodeError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: cannot read the training state ({type(e).__name__}: {e})") from None
+        raise BadInput(f"{path}: cannot read the training state ({type(e).__name__}: {e})") from None
     load_adapter(model, path)
     try:
         optimizer.load_state_dict(blob["optimizer"])
     except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: optimizer state does not fit this run (different --optim or LoRA "
+        raise BadInput(f"{path}: optimizer state does not fit this run (different --optim or LoRA "
                               f"layout?): {e}") from None
     if scaler is not None and blob.get("scaler"):
         scaler.load_state_dict(blob["scaler"])

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import minqlora.checkpoint as ckpt
+from minqlora.errors import BadInput
 from _fixtures_train import fast_args, load_script, needs_tiny, read_log, train_losses, train_main, write_records
 from minqlora.curves import RunLog, write_curves
 from minqlora.curves import read_log as read_curves_log
@@ -266,7 +267,7 @@ def test_a_failed_checkpoint_write_leaves_nothing_half_written(tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
     assert {p.name for p in good.iterdir()} == {"adapter_config.json", "adapter_model.safetensors",
                                                  "trainer_state.pt", "trainer_state.json"}
-    with pytest.raises(ckpt.CheckpointError, match="not a training checkpoint"):
+    with pytest.raises(BadInput, match="not a training checkpoint"):
         ckpt.find_checkpoint(str(tmp_path), tmp_path)
     assert ckpt.find_checkpoint("latest", tmp_path) == good
 
@@ -284,7 +285,7 @@ def test_output_dir_of_another_run_is_refused_or_overwritten(tmp_path):
     (tmp_path / "checkpoint-5").mkdir()
     (tmp_path / "log.jsonl").write_text("{}\n")
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(ckpt.CheckpointError, match="holds another run.*--overwrite_output_dir"):
+    with pytest.raises(BadInput, match="holds another run.*--overwrite_output_dir"):
         ckpt.prepare_output_dir(tmp_path, overwrite=False, resuming=False)
     assert ckpt.prepare_output_dir(tmp_path, overwrite=False, resuming=True) == []
     assert (tmp_path / "checkpoint-5").exists()

@@ -8,11 +8,11 @@ from safetensors.torch import load_file
 
 from _fixtures_train import (EXAMPLE, TINY, fast_args, needs_tiny, read_log, seed_dataset, train_losses,
                              train_main, write_records)
-from minqlora.data import build_examples, collate
+from minqlora.data import Prompt, build_examples, collate
 from minqlora.loss import causal_lm_loss
-from minqlora.prompts import Prompt
 from minqlora.tokenizer import Tokenizer
-from minqlora.train_args import ArgsError, parse_args
+from minqlora.errors import BadInput
+from minqlora.train_args import parse_args
 
 pytestmark = needs_tiny
 
@@ -163,7 +163,7 @@ def test_flags_parse_like_hf_argument_parser(capsys):
     (["--max_train_samples", "-1"], "--max_train_samples -1: must be at least 0"),
 ])
 def test_refused_flags(argv, message):
-    with pytest.raises(ArgsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(BadInput, match=message.replace("(", r"\(").replace(")", r"\)")):
         parse_args(argv)
 
 
