@@ -12,10 +12,13 @@ checkpoints intact and never a half-written one. The layout follows transformers
 sit in the folder itself rather than in qlora.py's `checkpoint-N/adapter_model/` subfolder.
 On resume the optimizer's moments come back but not its hyperparameters or the scheduler's state:
 the LR is derived from this run's schedule at the saved scheduler step (optim.fast_forward).
+No paper section. Checked by resuming against a straight run (after a stop and after Ctrl-C) in
+tests/test_checkpoint.py.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import random
 import re
@@ -29,6 +32,7 @@ import torch
 
 from .adapter import CONFIG_NAME, SAFETENSORS_NAME, load_adapter, save_adapter
 from .atomic import atomic_dir, atomic_file
+from .optim import fast_forward, schedule_change
 from .errors import BadInput
 
 PREFIX = "checkpoint-"
@@ -79,6 +83,12 @@ def list_checkpoints(output_dir) -> list[tuple[int, Path]]:
             if m and p.is_dir():
                 out.append((int(m.group(1)), p))
     return sorted(out)
+
+
+def last_good(output_dir) -> str:
+    """The newest checkpoint folder, for error messages ("none" when there is none)."""
+    found = list_checkpoints(output_dir)
+    return str(found[-1][1]) if found else "none"
 
 
 def find_checkpoint(spec: str, output_dir) -> Path:
@@ -197,6 +207,31 @@ def load_training_checkpoint(path, model, *, optimizer, scaler) -> tuple[dict, d
     if scaler is not None and blob.get("scaler"):
         scaler.load_state_dict(blob["scaler"])
     return state, blob["rng"]
+
+
+def resume_run(run, resume: Path, hyper: dict, say):
+    """Continue trainer.Run `run` from checkpoint `resume`: adapter, optimizer moments, RNG, data position,
+    best-so-far, log accumulators (its RunState). The optimizer's hyperparameters (`hyper`) and the LR come
+    from this run's flags and schedule, at the saved position; `say` prints the notes and warnings."""
+    saved, rng = load_training_checkpoint(resume, run.model, optimizer=run.opt, scaler=run.scaler)
+    for warning in flag_changes(saved.get("args", {}), run.args.to_dict(), resume):
+        say(warning)
+    names = [f.name for f in dataclasses.fields(run.state)]
+    run.state = st = type(run.state)(**{k: saved[k] for k in names if k in saved})
+    for group in run.opt.param_groups:
+        group.update(hyper)
+    lr_now = fast_forward(run.sched, saved.get("schedule", {}).get("step", st.step))
+    warning = schedule_change(run.schedule["type"], saved.get("schedule"), run.schedule)
+    if warning:
+        say(f"{warning} (step {st.step + 1}: lr {lr_now:.3g})")
+    set_rng_state(rng)
+    run.order.epoch, run.order.pos = st.epoch, st.pos
+    note, kept = reconcile_best(run.out, resume, dataclasses.asdict(st))
+    if note:
+        say(note)
+    if not kept:
+        st.best_step, st.best_ppl, st.best_loss, st.bad_evals = None, None, None, 0
+    say(f"resumed from {resume} at step {st.step} (epoch {run.order.epoch_float()})")
 
 
 def rotate(output_dir, limit: int | None, keep=()) -> list[Path]:

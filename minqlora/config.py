@@ -3,7 +3,7 @@
 Field names are config.json keys, so `LlamaConfig.from_json(path)` is a key-by-key copy. Anything
 this code cannot run faithfully (another architecture, biases, an activation other than SiLU, a
 RoPE scaling type not written here) is refused with the key named, never run silently wrong.
-Checked against transformers' LlamaConfig in tests/test_model.py.
+No paper section (the Llama architecture). Checked against transformers' LlamaConfig in tests/test_model.py.
 """
 from __future__ import annotations
 

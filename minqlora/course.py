@@ -144,7 +144,7 @@ def plan_draws(test: list[dict], pool: list[dict] | None, *, k: int, repeats: in
 
 
 class FewShotPrompt:
-    """`prompt` (a prompts.Prompt) with `shots` written in front; callable like a Prompt."""
+    """`prompt` (a data.Prompt) with `shots` written in front; callable like a Prompt."""
 
     def __init__(self, prompt, shots: list[dict]):
         self.prompt, self.shots = prompt, list(shots)

@@ -160,20 +160,14 @@ def check_limits(source_max_len, target_max_len):
 def encode_example(tok, source: str, target: str, *, source_max_len: int | None = None,
                    target_max_len: int | None = None, train_on_source: bool = False,
                    max_length: int | None = None) -> Example:
-    """One (prompt, output) pair as qlora.py's DataCollatorForCausalLM builds it.
-
-    qlora.py tokenises f"{bos_token}{source}" and f"{target}{eos_token}" separately with
-    add_special_tokens=False, truncation=True and max_length=source_max_len / target_max_len:
-    - the source is [BOS] + ids(source), cut to source_max_len, BOS counted; a cut source loses its
-      end (the "### Response:" / "ASSISTANT:" marker), see audit.py;
-    - the target is ids(target) + [EOS], cut to target_max_len: a cut target loses its EOS too, so
-      the model never sees where such an output stops. Faithful to qlora.py, on purpose.
-    Why [BOS] + ids(source) rather than ids("<s>" + source): qlora.py ran the slow legacy
-    LlamaTokenizer, which tokenises the text after "<s>" as it would alone (with its leading "▁");
-    transformers 5 does not prepend "▁" after a special token, which would silently change the first
-    prompt token. [BOS] + ids(prompt) is also what the course's perplexity script feeds the model;
-    it cuts the whole example to `max_length` instead (perplexity.py), limits None meaning no cut.
-    """
+    """One (prompt, output) pair as qlora.py's DataCollatorForCausalLM builds it: f"{bos_token}{source}"
+    and f"{target}{eos_token}" tokenised separately, each cut to its limit (None: no cut):
+    - source = [BOS] + ids(source), BOS counted; a cut source loses its end ("### Response:", see audit.py);
+    - target = ids(target) + [EOS]; a cut target loses its EOS too, so the model never sees where such
+      an output stops. Faithful to qlora.py, on purpose.
+    [BOS] + ids(source), not ids("<s>" + source): qlora.py's slow legacy LlamaTokenizer tokenised the
+    text after "<s>" as alone (leading "▁"); transformers 5 does not, which would change the first
+    prompt token. The course's perplexity script feeds the same ids, cut as a whole to `max_length`."""
     check_limits(source_max_len, target_max_len)
     src = tok.encode(source, bos=True)[:source_max_len]
     tgt = tok.encode(target, eos=True)[:target_max_len]
@@ -184,8 +178,7 @@ def encode_example(tok, source: str, target: str, *, source_max_len: int | None 
 
 def build_examples(records, tok, prompt, *, source_max_len, target_max_len, train_on_source=False,
                    progress=True) -> list[Example]:
-    """Tokenise every record once, before training (qlora.py tokenises each batch in the collator;
-    the ids are the same)."""
+    """Tokenise every record once, before training (qlora.py, in the collator: the same ids)."""
     if tok.eos_id is None:
         raise BadInput("the tokenizer has no EOS token: targets end with one (add eos_token to tokenizer_config.json)")
     return [encode_example(tok, prompt(rec), rec["output"], source_max_len=source_max_len,
@@ -195,11 +188,8 @@ def build_examples(records, tok, prompt, *, source_max_len, target_max_len, trai
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch: input_ids with pad_id, labels with IGNORE_INDEX (qlora.py's pad_sequence).
-
-    attention_mask marks the real tokens. qlora.py computes input_ids != pad_token_id, which is the
-    same thing there because it adds a new "[PAD]" token; here pad_id may be <unk> (id 0), which can
-    occur in real text, so the mask comes from the lengths instead.
-    """
+    attention_mask marks the real tokens: from the lengths, not input_ids != pad_id as in qlora.py (which
+    adds a "[PAD]" token), since pad_id may be <unk> (id 0), which can occur in real text."""
     B, T = len(examples), max(len(e.input_ids) for e in examples)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
@@ -215,11 +205,10 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 # --- The eval split and the train data: qlora.py's make_data_module --------------------------------------
 
 def split_train_eval(records, *, eval_dataset_size: int, max_eval_samples: int | None, seed: int):
-    """Hold out `eval_dataset_size` records, as datasets' `train_test_split(test_size=eval_dataset_size,
-    shuffle=True, seed=seed)` does in qlora.py's make_data_module: permutation =
-    np.random.default_rng(seed).permutation(n); eval = permutation[:size], train = the rest, in that
-    order. Then eval keeps its first `max_eval_samples` records (qlora.py's `select(range(...))`).
-    """
+    """Hold out `eval_dataset_size` records as datasets' `train_test_split(test_size=eval_dataset_size,
+    shuffle=True, seed=seed)` in qlora.py's make_data_module: eval = the first `size` of
+    np.random.default_rng(seed).permutation(n), train = the rest, in that order; then eval keeps its
+    first `max_eval_samples` (qlora.py's `select(range(...))`)."""
     n = len(records)
     if n == 0:
         raise BadInput("no training records to split an eval set from")

@@ -1,6 +1,6 @@
 """Perplexity of each record's output given its prompt, as the course scores it (NTU ADL 2023 HW3's
 ppl.py), batched: scripts/ppl.py's number and the trainer's eval metric (the protocol around it:
-course.py). No paper section.
+course.py); and the trainer's eval loss. No paper section.
 
 Per example (data.encode_example): tokens = [BOS] + encode(prompt) + encode(output) + [EOS], prompt
 and output tokenised separately, the whole cut to `max_length` (2048) tokens from the right.
@@ -27,7 +27,19 @@ from tqdm import tqdm
 
 from .data import collate, encode_example
 from .generate import PromptTooLongError, eval_mode
-from .loss import IGNORE_INDEX, token_nll
+from .loss import IGNORE_INDEX, causal_lm_loss, token_nll
+
+
+@torch.inference_mode()
+def eval_loss(model, examples, batch_size, pad_id, device) -> float:
+    """Mean NLL over every target token of the eval set (training's truncation and prompt)."""
+    total, count = 0.0, 0
+    with eval_mode(model):
+        for i in range(0, len(examples), batch_size):
+            b = collate(examples[i:i + batch_size], pad_id)
+            s, n = causal_lm_loss(model(b["input_ids"].to(device)), b["labels"].to(device), reduction="sum")
+            total, count = total + s.item(), count + n.item()
+    return total / max(count, 1)
 
 
 @torch.inference_mode()

@@ -1,4 +1,5 @@
 """Text <-> token ids for a Hugging Face model folder: SentencePiece `tokenizer.model` or `tokenizer.json`.
+No paper section.
 
 Checked against transformers 5's `AutoTokenizer.from_pretrained(folder)` (tests/test_tokenizer.py):
 `encode(text)` gives its `tok(text, add_special_tokens=False).input_ids`, `encode(text, bos=True)` its

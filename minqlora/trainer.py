@@ -11,9 +11,9 @@ LR schedule. One optimizer step = `gradient_accumulation_steps` micro-batches of
 K is the number of micro-batches in the step: gradient_accumulation_steps, except at the end of an
 epoch where fewer may remain. bf16/fp16 training sets the model's dtype (no autocast); the LoRA
 weights and the optimizer state stay fp32, and fp16 adds a gradient scaler; a step the scaler skips
-(inf/NaN gradients) does not advance the LR schedule, as in transformers' Trainer. A checkpoint is
-never written with non-finite LoRA weights. Checked against transformers + peft gradients and exact
-resume in tests/test_train.py and tests/test_checkpoint.py.
+(inf/NaN gradients) does not advance the LR schedule, as in transformers' Trainer. No checkpoint holds
+non-finite LoRA weights. Checked against transformers + peft gradients and exact resume in
+tests/test_train.py and tests/test_checkpoint.py.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -30,16 +30,14 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .atomic import atomic_file
 from .config import LlamaConfig
-from .curves import RunLog, write_curves
+from .curves import RunLog, redraw_curves
 from .data import DataOrder, Prompt, collate, make_data_module
 from .errors import Interrupted, TrainingError
-from .generate import eval_mode
 from .loader import load_model, resolve_device_dtype, weight_files
 from .lora import apply_lora
 from .loss import IGNORE_INDEX, causal_lm_loss
-from .optim import build_optimizer, build_scheduler, describe_schedule, fast_forward, quiet_cpu_paging, \
-    schedule_change, warmup_steps_for
-from .perplexity import mean_perplexity, perplexities
+from .optim import build_optimizer, build_scheduler, describe_schedule, quiet_cpu_paging, warmup_steps_for
+from .perplexity import eval_loss, mean_perplexity, perplexities
 from .tokenizer import Tokenizer
 from .train_args import RunArgs, dtype_name, lora_targets
 
@@ -159,7 +157,7 @@ def setup(a: RunArgs, progress: bool) -> Run:
               eval_records=eval_records, metric_prompt=metric_prompt, total_steps=total_steps, state=RunState(),
               started=started)
     if resume is not None:
-        restore(run, resume, hyper)
+        ckpt.resume_run(run, resume, hyper, say)
 
     fresh = resume is None or not (out / "log.jsonl").exists()  # a new run, or resumed into a new folder
     run.log = RunLog(out / "log.jsonl", keep_until_step=None if fresh else run.state.step)
@@ -173,29 +171,6 @@ def setup(a: RunArgs, progress: bool) -> Run:
                   eval_examples=len(eval_ex or []), device=str(device), dtype=str(dtype).removeprefix("torch."),
                   steps_per_epoch=order.steps_per_epoch)
     return run
-
-
-def restore(run: Run, resume: Path, hyper: dict):
-    """Resume: adapter, optimizer moments, RNG, data position, best-so-far, log accumulators. The
-    optimizer's hyperparameters and the LR come from this run's flags and schedule, at the saved position."""
-    saved, rng = ckpt.load_training_checkpoint(resume, run.model, optimizer=run.opt, scaler=run.scaler)
-    for warning in ckpt.flag_changes(saved.get("args", {}), run.args.to_dict(), resume):
-        say(warning)
-    run.state = st = RunState(**{f.name: saved[f.name] for f in fields(RunState) if f.name in saved})
-    for group in run.opt.param_groups:
-        group.update(hyper)
-    lr_now = fast_forward(run.sched, saved.get("schedule", {}).get("step", st.step))
-    warning = schedule_change(run.schedule["type"], saved.get("schedule"), run.schedule)
-    if warning:
-        say(f"{warning} (step {st.step + 1}: lr {lr_now:.3g})")
-    ckpt.set_rng_state(rng)
-    run.order.epoch, run.order.pos = st.epoch, st.pos
-    note, kept = ckpt.reconcile_best(run.out, resume, asdict(st))
-    if note:
-        say(note)
-    if not kept:
-        st.best_step, st.best_ppl, st.best_loss, st.bad_evals = None, None, None, 0
-    say(f"resumed from {resume} at step {st.step} (epoch {run.order.epoch_float()})")
 
 
 def accumulate_gradients(model, window, device, normalization="example", scaler=None) -> torch.Tensor:
@@ -231,7 +206,7 @@ def train_step(run: Run) -> tuple[float, float, float, int]:
     if not math.isfinite(loss) or (scaler is None and not math.isfinite(norm)):
         what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
         raise TrainingError(f"the {what} is {value} at step {st.step + 1}: training stopped, nothing was saved "
-                            f"for this step. Last good checkpoint: {last_good(run)}. {advice(run)}")
+                            f"for this step. Last good checkpoint: {ckpt.last_good(run.out)}. {advice(run)}")
     with ckpt.defer_sigint():  # the update and its bookkeeping happen entirely or not at all
         stepped = True
         if scaler:  # it skips the update on inf/NaN gradients and lowers its scale
@@ -250,18 +225,6 @@ def train_step(run: Run) -> tuple[float, float, float, int]:
         st.acc_tokens, st.acc_time = st.acc_tokens + tokens, st.acc_time + time.perf_counter() - t0
         run.step_rng = ckpt.rng_state()
     return loss, norm, lr, tokens
-
-
-@torch.inference_mode()
-def eval_loss(model, examples, batch_size, pad_id, device) -> float:
-    """Mean NLL over every target token of the eval set (training's truncation and prompt)."""
-    total, count = 0.0, 0
-    with eval_mode(model):
-        for i in range(0, len(examples), batch_size):
-            b = collate(examples[i:i + batch_size], pad_id)
-            s, n = causal_lm_loss(model(b["input_ids"].to(device)), b["labels"].to(device), reduction="sum")
-            total, count = total + s.item(), count + n.item()
-    return total / max(count, 1)
 
 
 def evaluate(run: Run):
@@ -284,7 +247,7 @@ def evaluate(run: Run):
                   seconds=round(time.perf_counter() - t0, 2))
     say(f"eval  step {st.step} | eval_loss {loss:.4f} | eval_ppl {ppl:.4f}"
         + (f" | new best -> {path}" if better else f" | best {st.best_ppl or math.nan:.4f} at step {st.best_step}"))
-    draw_curves(run)
+    redraw_curves(run.out, say)
 
 
 def save(run: Run) -> Path:
@@ -300,11 +263,6 @@ def save(run: Run) -> Path:
     return path
 
 
-def last_good(run):
-    found = ckpt.list_checkpoints(run.out)
-    return str(found[-1][1]) if found else "none"
-
-
 def advice(run):
     t = run.args.train
     return (f"Try a lower --learning_rate (now {t.learning_rate:g}), a --max_grad_norm (now {t.max_grad_norm:g})"
@@ -314,14 +272,7 @@ def advice(run):
 def check_finite(run, what):
     if not bool(torch.stack([p.detach().isfinite().all() for p in run.params]).all()):
         raise TrainingError(f"the LoRA weights are not finite after step {run.state.step}: training stopped, "
-                            f"{what} not written. Last good checkpoint: {last_good(run)}. {advice(run)}")
-
-
-def draw_curves(run):  # a plot that cannot be drawn never stops training
-    try:
-        write_curves(run.out / "log.jsonl", run.out / "curves.png", run.out / "curves.csv", title=str(run.out))
-    except (ValueError, OSError) as e:
-        say(f"warning: curves not redrawn ({e}); the numbers are in {run.out / 'log.jsonl'}")
+                            f"{what} not written. Last good checkpoint: {ckpt.last_good(run.out)}. {advice(run)}")
 
 
 def due(strategy, every, step, order):
@@ -378,7 +329,7 @@ def train(a: RunArgs, *, progress: bool = True) -> dict:
         summary = dict(step=st.step, stop=stop, best_step=st.best_step, best_eval_ppl=st.best_ppl,
                        elapsed=run.elapsed())
         run.log.write(event="end", **summary)
-        draw_curves(run)
+        redraw_curves(run.out, say)
         ckpt.save_final(out, run.model, lora=run.lora, summary=summary)
     except KeyboardInterrupt:
         # Ctrl-C: save where the run is (unless saved already), so that it resumes from there.
@@ -395,7 +346,7 @@ def train(a: RunArgs, *, progress: bool = True) -> dict:
         with contextlib.suppress(OSError, ValueError):
             run.log.write(event="error", step=st.step, error=f"{type(e).__name__}: {e}")
         raise TrainingError(f"training stopped after step {st.step}: {type(e).__name__}: {e}. "
-                            f"Last good checkpoint: {last_good(run)}") from e
+                            f"Last good checkpoint: {ckpt.last_good(run.out)}") from e
     finally:
         bar.close()
         run.log.close()

@@ -1,5 +1,5 @@
 """minqlora.perplexity against the course's ppl.py algorithm run on transformers' Llama (+ peft), and
-the few-shot protocol of minqlora.fewshot (draws, balance, exclusion of the scored example)."""
+the few-shot protocol of minqlora.course (draws, balance, exclusion of the scored example)."""
 import json
 import math
 
