@@ -16,7 +16,6 @@ plain eager path on the same inputs (loss within 1e-2 relative, LoRA-gradient co
 import argparse
 import gc
 import json
-import math
 import resource
 import sys
 import time
@@ -37,6 +36,7 @@ from minqlora.nf4 import Linear4bit  # noqa: E402
 from minqlora.loss import IGNORE_INDEX  # noqa: E402
 from minqlora.perplexity import mean_perplexity, perplexities  # noqa: E402
 from minqlora.tokenizer import Tokenizer  # noqa: E402
+from minqlora.trainer import accumulate_gradients  # noqa: E402
 
 ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately "
           "completes the request.\n\n### Instruction:\n{}\n\n### Response: ")
@@ -77,7 +77,7 @@ def random_window(g, batch, seq, accum):
 
 
 def configure(model, *, pass_tokens=0, graphs=None):
-    return lambda win: accumulate.gradients(model, win, "cuda", "example", pad_id=0, pass_tokens=pass_tokens,
+    return lambda win: accumulate_gradients(model, win, "cuda", "example", pad_id=0, pass_tokens=pass_tokens,
                                             graphs=graphs)
 
 

@@ -1,4 +1,5 @@
-"""minqlora: QLoRA fine-tuning of Llama-family models in plain PyTorch. See README.md for the map."""
+"""minqlora: QLoRA fine-tuning of Llama-family models in plain PyTorch (Dettmers et al. 2023, arXiv 2305.14314).
+See README.md for the map; every module names its paper section and reference test."""
 import logging
 
 # On a CPU, bitsandbytes tries to fetch an optional kernel from the Hugging Face hub and logs a warning when it

@@ -1,4 +1,4 @@
-"""Gradient accumulation: the forward and backward passes of one optimizer step.
+"""Gradient accumulation's fast paths: the forward and backward passes of one optimizer step, faster.
 
 One optimizer step covers K micro-batches (--gradient_accumulation_steps). Its loss (--loss_normalization):
     example  sum_k mean_tokens(micro-batch k) / K      what qlora.py's Trainer (transformers 4.3x) did
@@ -7,15 +7,17 @@ Both are a weighted sum over the step's target tokens, sum_i w_i * nll_i, with
     example  w_i = 1 / (K * n_k)   for a token of micro-batch k with n_k target tokens
     token    w_i = 1 / N           N target tokens in the whole step.
 
-plain   one forward and backward per micro-batch, as transformers' Trainer runs it.
+trainer.accumulate_gradients runs one forward and backward per micro-batch, as transformers' Trainer does
+(the plain path), or hands the step to one of these, which compute the same gradient:
 packed  the fast path: the step's rows packed into as few passes as `pass_tokens` allows, each token
         keeping its weight, so the gradient is the plain path's (up to float rounding and dropout's
         random masks): a few large matmuls instead of K small ones. At micro-batch 1 the plain path
         is bound by launching kernels, not by the GPU's arithmetic (bench/NOTES.md).
-graphs  (CUDA, with plain's micro-batch passes) each pass's forward and backward replayed from CUDA
-        graphs captured once per padded shape (GraphedLoss): one launch instead of thousands.
+graphed (CUDA) one pass per micro-batch as in the plain path, each pass's forward and backward replayed
+        from CUDA graphs captured once per padded shape (GraphedLoss): one launch instead of thousands.
 Padding is on the right and labelled -100 (collate), so a row's tokens see exactly what they saw in
-their own micro-batch. Checked against the plain path in tests/test_accumulate.py.
+their own micro-batch. Checked against the plain path in tests/test_accumulate.py (packed, on the CPU) and
+by the benchmark's gate (graphed, on a GPU: bench/bench_qlora.py).
 """
 from __future__ import annotations
 
@@ -106,12 +108,11 @@ class GraphedLoss:
         return self.graphs[key](ids, labels, w)
 
 
-def plain(model, window, device, normalization="example", scaler=None, graphs: GraphedLoss | None = None):
-    """One forward and backward per micro-batch; return the step's loss (detached)."""
-    loss_fn = graphs or weighted_loss
+def graphed(model, window, device, normalization="example", scaler=None, *, graphs: GraphedLoss):
+    """One pass per micro-batch, each pass's forward and backward replayed from `graphs`; the step's loss."""
     step_loss = torch.zeros((), device=device)
     for b, w in zip(window, token_weights(window, normalization)):
-        loss = loss_fn(model, b["input_ids"].to(device), b["labels"].to(device), w.to(device))
+        loss = graphs(model, b["input_ids"].to(device), b["labels"].to(device), w.to(device))
         (scaler.scale(loss) if scaler else loss).backward()
         step_loss += loss.detach()
     return step_loss
@@ -157,13 +158,3 @@ def packed(model, window, device, normalization="example", scaler=None, *, pad_i
         (scaler.scale(loss) if scaler else loss).backward()
         step_loss += loss.detach()
     return step_loss
-
-
-def gradients(model, window, device, normalization="example", scaler=None, *, pad_id: int = 0,
-              pass_tokens: int = 0, graphs: GraphedLoss | None = None) -> torch.Tensor:
-    """Forward and backward every micro-batch of one optimizer step; gradients accumulate in .grad.
-    pass_tokens > 0: the packed fast path with at most that many tokens per pass; 0: one pass per
-    micro-batch, eager or (graphs) replayed from CUDA graphs."""
-    if pass_tokens > 0:
-        return packed(model, window, device, normalization, scaler, pad_id=pad_id, pass_tokens=pass_tokens)
-    return plain(model, window, device, normalization, scaler, graphs)

@@ -12,7 +12,7 @@ reads; checked both ways against peft 0.21 in tests/test_adapter.py.
 Loading is strict: any key that has no LoRA module, any module without its
 tensors, any shape or rank mismatch, and any peft option this code does not
 implement (DoRA, rsLoRA, biases, modules_to_save, per-layer ranks, ...) is
-refused with an AdapterError naming the file and the key, before the model
+refused with an BadInput naming the file and the key, before the model
 is modified.
 """
 
@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_dir, atomic_file, atomic_path
 from .lora import LoRALinear, apply_lora, lora_modules, target_module_names
+from .errors import BadInput
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -44,9 +45,6 @@ UNSUPPORTED_IF_SET = (
     "exclude_modules", "target_parameters", "trainable_token_indices", "alora_invocation_tokens",
 )
 
-
-class AdapterError(ValueError):
-    pass
 
 
 def _target_modules_for_config(model: nn.Module, wrapped: list[str]) -> list[str]:
@@ -83,14 +81,14 @@ def save_adapter(
     """
     modules = lora_modules(model)
     if not modules:
-        raise AdapterError("save_adapter: the model has no LoRA layers")
+        raise BadInput("save_adapter: the model has no LoRA layers")
     for name, m in modules.items():
         if m.r != r or abs(m.scaling - alpha / r) > 1e-12 * max(1.0, abs(m.scaling)):
-            raise AdapterError(f"save_adapter: {name} has r={m.r}, scaling={m.scaling}, but r={r}, alpha={alpha} given")
+            raise BadInput(f"save_adapter: {name} has r={m.r}, scaling={m.scaling}, but r={r}, alpha={alpha} given")
     if not isinstance(targets, str):
         missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in modules)]
         if missing:
-            raise AdapterError(f"save_adapter: targets {missing} were not wrapped in this model")
+            raise BadInput(f"save_adapter: targets {missing} were not wrapped in this model")
 
     tensors = {}
     for name, m in modules.items():
@@ -134,25 +132,25 @@ def save_adapter(
 
 def _read_config(path: Path) -> dict:
     if not path.exists():
-        raise AdapterError(f"{path}: not found; an adapter folder needs {CONFIG_NAME}")
+        raise BadInput(f"{path}: not found; an adapter folder needs {CONFIG_NAME}")
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise AdapterError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
+        raise BadInput(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{path}: peft_type={cfg['peft_type']!r}; only LORA adapters are supported")
+        raise BadInput(f"{path}: peft_type={cfg['peft_type']!r}; only LORA adapters are supported")
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in cfg:
-            raise AdapterError(f"{path}: missing {key!r}")
+            raise BadInput(f"{path}: missing {key!r}")
     if cfg.get("bias", "none") != "none":
-        raise AdapterError(f"{path}: bias={cfg['bias']!r} is not supported (only 'none')")
+        raise BadInput(f"{path}: bias={cfg['bias']!r} is not supported (only 'none')")
     for key in UNSUPPORTED_IF_SET:
         if cfg.get(key):
-            raise AdapterError(f"{path}: {key}={cfg[key]!r} is not supported by minqlora")
+            raise BadInput(f"{path}: {key}={cfg[key]!r} is not supported by minqlora")
     targets = cfg["target_modules"]
     if isinstance(targets, str):
         if targets != "all-linear":  # peft's "all-linear" = every linear but the output layer
-            raise AdapterError(f"{path}: target_modules={targets!r} is a regex; only a list or 'all-linear' is supported")
+            raise BadInput(f"{path}: target_modules={targets!r} is a regex; only a list or 'all-linear' is supported")
         cfg["target_modules"] = "all"
     return cfg
 
@@ -161,14 +159,14 @@ def _read_tensors(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     st, bin_ = folder / SAFETENSORS_NAME, folder / BIN_NAME
     path = st if st.exists() else bin_ if bin_.exists() else None
     if path is None:
-        raise AdapterError(f"{folder}: no {SAFETENSORS_NAME} or {BIN_NAME}")
+        raise BadInput(f"{folder}: no {SAFETENSORS_NAME} or {BIN_NAME}")
     try:
         tensors = (load_file(str(path), device="cpu") if path == st
                    else torch.load(path, map_location="cpu", weights_only=True))
     except Exception as e:  # truncated or corrupt: say which file, and what the reader said
-        raise AdapterError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+        raise BadInput(f"{path}: cannot read ({type(e).__name__}: {e})") from None
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
-        raise AdapterError(f"{path}: not a dict of tensors")
+        raise BadInput(f"{path}: not a dict of tensors")
     return path, tensors
 
 
@@ -186,14 +184,14 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> dict:
         names = list(existing)
         for name, m in existing.items():
             if m.r != r or m.scaling != alpha / r:
-                raise AdapterError(
+                raise BadInput(
                     f"{cfg_path}: r={r}, lora_alpha={alpha}, but the model's {name} has r={m.r}, scaling={m.scaling}"
                 )
     else:
         try:
             names = target_module_names(model, cfg["target_modules"])
         except ValueError as e:
-            raise AdapterError(f"{cfg_path}: {e}") from None
+            raise BadInput(f"{cfg_path}: {e}") from None
     features = {n: (model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in names}
 
     tensors: dict[tuple[str, str], torch.Tensor] = {}
@@ -201,17 +199,17 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> dict:
         k = key[len(PREFIX):] if key.startswith(PREFIX) else key
         m = KEY_RE.match(k)
         if m is None:
-            raise AdapterError(f"{path}: unexpected key {key!r} (only lora_A / lora_B weights are supported)")
+            raise BadInput(f"{path}: unexpected key {key!r} (only lora_A / lora_B weights are supported)")
         module, which = m["module"], m["which"]
         if module not in features:
-            raise AdapterError(f"{path}: key {key!r} names module {module!r}, which has no LoRA layer in this model")
+            raise BadInput(f"{path}: key {key!r} names module {module!r}, which has no LoRA layer in this model")
         if (module, which) in tensors:
-            raise AdapterError(f"{path}: key {key!r} duplicates another key for {module}.{which}")
+            raise BadInput(f"{path}: key {key!r} duplicates another key for {module}.{which}")
         fin, fout = features[module]
         expected = (r, fin) if which == "lora_A" else (fout, r)
         if tuple(t.shape) != expected:
             found_r = t.shape[0] if which == "lora_A" else t.shape[-1]
-            raise AdapterError(
+            raise BadInput(
                 f"{path}: key {key!r} has shape {tuple(t.shape)}, expected {expected} "
                 f"(rank {r} from {CONFIG_NAME}, module in_features={fin}, out_features={fout}; "
                 f"the tensor implies rank {found_r})"
@@ -220,7 +218,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> dict:
     for name in names:
         for which in ("lora_A", "lora_B"):
             if (name, which) not in tensors:
-                raise AdapterError(f"{path}: no tensor for {PREFIX}{name}.{which}.weight (module {name} is a LoRA target)")
+                raise BadInput(f"{path}: no tensor for {PREFIX}{name}.{which}.weight (module {name} is a LoRA target)")
 
     if not existing:
         apply_lora(model, r=r, alpha=alpha, dropout=dropout, targets=cfg["target_modules"], verbose=False)

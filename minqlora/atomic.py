@@ -4,6 +4,8 @@ Everything minqlora writes for later use (adapters, checkpoints, predictions, me
 a temporary name beside its destination and is renamed into place once complete; rename is atomic
 on one filesystem, so readers see the old version or the new one, never a mixture. Results get the
 ordinary permissions of a new file (0666/0777 less the umask), not the private ones of a temporary.
+No paper section. Checked by the interrupted-write tests in tests/test_checkpoint.py and
+tests/test_infer_scripts.py.
 """
 import contextlib
 import os

@@ -6,15 +6,14 @@ qlora.py truncates silently (DataCollatorForCausalLM, see data.py). With its def
 prompt loses its end ("### Response:" in alpaca, "ASSISTANT:" in the course prompt), so the model is
 trained on prompts that never end the way inference prompts do. This makes that visible. Lengths are
 counted as the collator counts them: source = [BOS] + prompt, target = output + [EOS], before cutting.
-Checked on crafted data and on the course data (tests/test_data.py).
+No paper section (qlora.py's silent truncation, made visible). Checked on crafted data and on the
+course data in tests/test_data.py.
 """
 from __future__ import annotations
 
 import math
 
 from tqdm import tqdm
-
-from .data import source_text
 
 PERCENTILES = (50, 90, 95, 99)
 WARN_SHARE = 0.05  # warn when more than 5% of sources or targets are cut
@@ -42,10 +41,9 @@ def audit(records, tok, prompt, *, source_max_len, target_max_len, name="train")
     and how many tokens the cut drops in all (`tokens_lost`)."""
     if not records:
         raise ValueError(f"audit of {name}: no records")
-    n_bos = 1 if tok.bos_id is not None else 0
     src_len, tgt_len = [], []
     for rec in tqdm(records, desc=f"audit {name}", unit="rec", disable=len(records) < 1000, leave=False):
-        src_len.append(n_bos + len(tok.encode(source_text(rec, prompt))))
+        src_len.append(len(tok.encode(prompt(rec), bos=True)))
         tgt_len.append(len(tok.encode(rec["output"])) + 1)
     src, tgt = _stats(src_len, source_max_len), _stats(tgt_len, target_max_len)
 

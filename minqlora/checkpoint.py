@@ -12,10 +12,13 @@ checkpoints intact and never a half-written one. The layout follows transformers
 sit in the folder itself rather than in qlora.py's `checkpoint-N/adapter_model/` subfolder.
 On resume the optimizer's moments come back but not its hyperparameters or the scheduler's state:
 the LR is derived from this run's schedule at the saved scheduler step (optim.fast_forward).
+No paper section. Checked by resuming against a straight run (after a stop and after Ctrl-C) in
+tests/test_checkpoint.py.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import random
 import re
@@ -29,6 +32,8 @@ import torch
 
 from .adapter import CONFIG_NAME, SAFETENSORS_NAME, load_adapter, save_adapter
 from .atomic import atomic_dir, atomic_file
+from .optim import fast_forward, schedule_change
+from .errors import BadInput
 
 PREFIX = "checkpoint-"
 STATE_PT, STATE_JSON = "trainer_state.pt", "trainer_state.json"
@@ -44,9 +49,6 @@ ORDER_FLAGS = ("dataset", "dataset_format", "source_max_len", "target_max_len", 
                "lr_scheduler_type", "loss_normalization", "lora_dropout", "bits", "bf16", "fp16", "optim",
                "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay", "max_grad_norm")
 
-
-class CheckpointError(ValueError):
-    pass
 
 
 def flag_changes(saved_args: dict, now: dict, where) -> list[str]:
@@ -83,19 +85,25 @@ def list_checkpoints(output_dir) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def last_good(output_dir) -> str:
+    """The newest checkpoint folder, for error messages ("none" when there is none)."""
+    found = list_checkpoints(output_dir)
+    return str(found[-1][1]) if found else "none"
+
+
 def find_checkpoint(spec: str, output_dir) -> Path:
     """Resolve --resume_from_checkpoint: 'latest' (the newest in output_dir) or a folder."""
     if spec == "latest":
         found = list_checkpoints(output_dir)
         if not found:
-            raise CheckpointError(f"--resume_from_checkpoint latest: no {PREFIX}N folder in {output_dir}")
+            raise BadInput(f"--resume_from_checkpoint latest: no {PREFIX}N folder in {output_dir}")
         return found[-1][1]
     path = Path(spec)
     if not path.is_dir():
-        raise CheckpointError(f"--resume_from_checkpoint {spec}: no such folder")
+        raise BadInput(f"--resume_from_checkpoint {spec}: no such folder")
     for name in (STATE_PT, STATE_JSON, CONFIG_NAME):
         if not (path / name).exists():
-            raise CheckpointError(f"{path}: not a training checkpoint (no {name})")
+            raise BadInput(f"{path}: not a training checkpoint (no {name})")
     return path
 
 
@@ -105,7 +113,7 @@ def check_output_dir(output_dir, *, overwrite: bool, resuming: bool, resume_from
     output_dir). Changes nothing."""
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
-        raise CheckpointError(f"--output_dir {out} is a file")
+        raise BadInput(f"--output_dir {out} is a file")
     found = sorted(p.name for p in (out.iterdir() if out.is_dir() else [])
                    if p.name in RUN_FILES or re.fullmatch(rf"{PREFIX}\d+", p.name))
     here = resuming and (resume_from is None or Path(resume_from).resolve().parent == out.resolve())
@@ -114,12 +122,12 @@ def check_output_dir(output_dir, *, overwrite: bool, resuming: bool, resume_from
     if not overwrite:
         shown = ", ".join(found[:6]) + (" ..." if len(found) > 6 else "")
         if resuming:
-            raise CheckpointError(
+            raise BadInput(
                 f"--output_dir {out} holds another run ({shown}), not the one --resume_from_checkpoint "
                 f"{resume_from} belongs to ({Path(resume_from).parent}); continuing into it would mix the two "
                 "runs' logs and checkpoints. Use that run's folder as --output_dir, an empty --output_dir, or "
                 f"--overwrite_output_dir to delete the run in {out}")
-        raise CheckpointError(
+        raise BadInput(
             f"--output_dir {out} holds another run ({shown}). Continue it with --resume_from_checkpoint "
             "latest, choose another --output_dir, or pass --overwrite_output_dir to delete it")
     return found
@@ -189,16 +197,41 @@ def load_training_checkpoint(path, model, *, optimizer, scaler) -> tuple[dict, d
         state = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
         blob = torch.load(path / STATE_PT, map_location="cpu", weights_only=True)
     except (OSError, json.JSONDecodeError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: cannot read the training state ({type(e).__name__}: {e})") from None
+        raise BadInput(f"{path}: cannot read the training state ({type(e).__name__}: {e})") from None
     load_adapter(model, path)
     try:
         optimizer.load_state_dict(blob["optimizer"])
     except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: optimizer state does not fit this run (different --optim or LoRA "
+        raise BadInput(f"{path}: optimizer state does not fit this run (different --optim or LoRA "
                               f"layout?): {e}") from None
     if scaler is not None and blob.get("scaler"):
         scaler.load_state_dict(blob["scaler"])
     return state, blob["rng"]
+
+
+def resume_run(run, resume: Path, hyper: dict, say):
+    """Continue trainer.Run `run` from checkpoint `resume`: adapter, optimizer moments, RNG, data position,
+    best-so-far, log accumulators (its RunState). The optimizer's hyperparameters (`hyper`) and the LR come
+    from this run's flags and schedule, at the saved position; `say` prints the notes and warnings."""
+    saved, rng = load_training_checkpoint(resume, run.model, optimizer=run.opt, scaler=run.scaler)
+    for warning in flag_changes(saved.get("args", {}), run.args.to_dict(), resume):
+        say(warning)
+    names = [f.name for f in dataclasses.fields(run.state)]
+    run.state = st = type(run.state)(**{k: saved[k] for k in names if k in saved})
+    for group in run.opt.param_groups:
+        group.update(hyper)
+    lr_now = fast_forward(run.sched, saved.get("schedule", {}).get("step", st.step))
+    warning = schedule_change(run.schedule["type"], saved.get("schedule"), run.schedule)
+    if warning:
+        say(f"{warning} (step {st.step + 1}: lr {lr_now:.3g})")
+    set_rng_state(rng)
+    run.order.epoch, run.order.pos = st.epoch, st.pos
+    note, kept = reconcile_best(run.out, resume, dataclasses.asdict(st))
+    if note:
+        say(note)
+    if not kept:
+        st.best_step, st.best_ppl, st.best_loss, st.bad_evals = None, None, None, 0
+    say(f"resumed from {resume} at step {st.step} (epoch {run.order.epoch_float()})")
 
 
 def rotate(output_dir, limit: int | None, keep=()) -> list[Path]:

@@ -2,8 +2,8 @@
 
 Follows transformers' HfArgumentParser conventions, which qlora.py's users type: a bool flag works
 bare (`--group_by_length`) or with a value (`--group_by_length False`); `Optional[X]` fields accept
-the value `None`. Unknown flags are errors (argparse's), prefixes are not accepted as abbreviations.
-Also the two flags every command shares: --dtype names and --device resolution.
+the value `None`. Unknown flags are errors (argparse's), prefixes are not accepted as abbreviations. Every script's
+flags are dataclasses read here. No paper section: plumbing. Checked in tests/test_inputs.py.
 """
 from __future__ import annotations
 
@@ -11,27 +11,9 @@ import argparse
 import dataclasses
 import types
 import typing
+from pathlib import Path
 
-import torch
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype values
-
-
-class FlagError(ValueError):
-    """A flag's value that argparse accepted but that cannot be used here."""
-
-
-def resolve_device(spec: str) -> torch.device:
-    """--device: auto (cuda if available, else cpu), cpu, cuda or cuda:N."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise FlagError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FlagError(f"--device {spec}: CUDA is not available on this machine")
-    return dev
+from .errors import BadInput
 
 
 def str2bool(v: str) -> bool:
@@ -94,3 +76,36 @@ def parse_dataclasses(classes, argv=None, description=None, prog=None):
         names = [f.name for f in dataclasses.fields(cls) if f.init and f.metadata.get("cli") is not False]
         out.append(cls(**{n: getattr(ns, n) for n in names}))
     return parser, out
+
+
+@dataclasses.dataclass
+class ModelArgs:
+    """The model flags of ppl.py and predict.py (training's are qlora.py's: train_args.py). The course's
+    ppl.py loads Taiwan-LLM in 4-bit NF4 with double quantization and bf16 compute: the default on CUDA."""
+    base_model_path: str = dataclasses.field(default="weights/tiny", metadata={"help": "Hugging Face model folder"})
+    peft_path: str | None = dataclasses.field(default=None, metadata={"help": "LoRA adapter folder (peft format)"})
+    bits: int = dataclasses.field(default=4, metadata={"help": "4: NF4/FP4 base weights (QLoRA); 16: unquantized",
+                                                       "choices": [4, 16]})
+    quant_type: str = dataclasses.field(default="nf4", metadata={"help": "4-bit data type", "choices": ["nf4", "fp4"]})
+    double_quant: bool = dataclasses.field(default=True, metadata={"help": "quantize the 4-bit absmax constants too"})
+    dtype: str = dataclasses.field(default="auto", metadata={
+        "help": "compute dtype; auto = bfloat16 on CUDA, float32 on CPU",
+        "choices": ["auto", "float32", "bfloat16", "float16"]})
+    device: str = dataclasses.field(default="auto", metadata={"help": "auto (cuda if available), cpu, cuda or cuda:N"})
+
+
+def check_positive(**values):
+    """values: flag name -> (value, lowest allowed)."""
+    for name, (value, low) in values.items():
+        if value < low:
+            raise BadInput(f"--{name} {value}: must be at least {low}")
+
+
+def check_output_path(path, flag: str):
+    """Refuse, before any model work, an output path that cannot become a file."""
+    p = Path(path)
+    if p.is_dir():
+        raise BadInput(f"{flag} {path}: is a folder; give a file name")
+    parent = next((q for q in p.absolute().parents if q.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise BadInput(f"{flag} {path}: {parent} is a file, not a folder")

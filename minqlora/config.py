@@ -3,7 +3,7 @@
 Field names are config.json keys, so `LlamaConfig.from_json(path)` is a key-by-key copy. Anything
 this code cannot run faithfully (another architecture, biases, an activation other than SiLU, a
 RoPE scaling type not written here) is refused with the key named, never run silently wrong.
-Checked against transformers' LlamaConfig in tests/test_model.py.
+No paper section (the Llama architecture). Checked against transformers' LlamaConfig in tests/test_model.py.
 """
 from __future__ import annotations
 
@@ -15,12 +15,11 @@ from pathlib import Path
 
 import torch
 
+from .errors import BadInput
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
-
-class ConfigError(ValueError):
-    pass
 
 
 @dataclass
@@ -62,7 +61,7 @@ class LlamaConfig:
 
     def validate(self):
         def refuse(key, why):
-            raise ConfigError(f"config.json: {key}={getattr(self, key)!r} {why}")
+            raise BadInput(f"config.json: {key}={getattr(self, key)!r} {why}")
 
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             refuse("model_type", f"is not Llama-like; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
@@ -77,7 +76,7 @@ class LlamaConfig:
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in SUPPORTED_ROPE_TYPES:
-                raise ConfigError(f"config.json: rope_scaling type {kind!r} is not implemented; "
+                raise BadInput(f"config.json: rope_scaling type {kind!r} is not implemented; "
                                   f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
         for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "vocab_size", "head_dim"):
@@ -106,11 +105,11 @@ class LlamaConfig:
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}")
+            raise BadInput(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}")
         try:
             return cls.from_dict(d)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+        except BadInput as e:
+            raise BadInput(f"{path}: {e}") from None
 
     def to_dict(self) -> dict:
         d = dict(self.extra)

@@ -6,6 +6,7 @@ while the train loss kept falling, and nobody looked until 110 hours later. The 
 `curves.png` and `curves.csv` at every evaluation; `scripts/plot.py` redraws one or several logs.
 log.jsonl lines are JSON objects; train lines carry "loss", eval lines "eval_loss"/"eval_ppl", and
 "event" lines (start, audit, checkpoint, best, interrupted, end) say what happened.
+No paper section. Checked in tests/test_checkpoint.py.
 """
 from __future__ import annotations
 
@@ -46,12 +47,6 @@ class RunLog:
 
     def close(self):
         self.f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def read_log(path) -> dict[str, list]:
@@ -123,6 +118,16 @@ def plot(runs: list[tuple[str, dict]], png_path, title: str | None = None):
     with atomic_file(png_path, mode="wb") as f:
         fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
+
+
+def redraw_curves(out, say):
+    """OUTPUT_DIR's curves.png and curves.csv from its log.jsonl; a plot that cannot be drawn is said
+    (`say`), never stops training."""
+    out = Path(out)
+    try:
+        write_curves(out / "log.jsonl", out / "curves.png", out / "curves.csv", title=str(out))
+    except (ValueError, OSError) as e:
+        say(f"warning: curves not redrawn ({e}); the numbers are in {out / 'log.jsonl'}")
 
 
 def write_curves(log_path, png_path, csv_path, title: str | None = None) -> dict:

@@ -1,4 +1,5 @@
 """Build a Llama from a Hugging Face checkpoint folder: build, quantize, fill; and save one back.
+Also the device/dtype every script resolves its flags to, and base + adapter for inference.
 
 `load_model` builds the model on the meta device (no memory), then streams the checkpoint tensor by
 tensor: each linear weight is moved to the target device and quantized to 4 bits at once (QLoRA
@@ -6,7 +7,8 @@ tensor: each linear weight is moved to the target device and quantized to 4 bits
 checkpoint key is used, every parameter filled, every shape checked; any mismatch is an error that
 names the tensor and the file. Reads `model.safetensors`, a `model.safetensors.index.json` with its
 shards, or (older checkpoints) `pytorch_model*.bin` through torch.load(weights_only=True).
-Checked against transformers' `save_pretrained` output in tests/test_loader.py.
+QLoRA §3 (4-bit base, quantized as it loads). Checked against transformers' `save_pretrained` output in
+tests/test_loader.py, and through ppl.py/predict.py against transformers + peft in tests/test_infer_scripts.py.
 """
 from __future__ import annotations
 
@@ -19,16 +21,36 @@ import torch.nn as nn
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from .adapter import load_adapter
 from .atomic import atomic_dir, atomic_path
 from .config import LlamaConfig
 from .model import LlamaForCausalLM
 from .nf4 import quantize_linear_weight
+from .tokenizer import Tokenizer
+from .errors import BadInput
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # RoPE tables some old conversions saved; we recompute
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype values
 
 
-class LoadError(ValueError):
-    pass
+def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """Every script's --device and --dtype. device: auto (cuda if available, else cpu), cpu, cuda or
+    cuda:N; dtype: a DTYPES name, or auto (bfloat16 on CUDA, float32 on CPU)."""
+    if device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise BadInput(f"--device {device!r}: expected auto, cpu, cuda or cuda:N") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise BadInput(f"--device {device}: CUDA is not available on this machine")
+    if dtype == "auto":
+        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise BadInput(f"--dtype {dtype!r}: expected auto or one of {', '.join(DTYPES)}")
+    return dev, DTYPES[dtype]
+
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -40,15 +62,15 @@ def weight_files(folder: Path) -> list[Path]:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as e:
-                raise LoadError(f"{index}: not a checkpoint index ({e})") from None
+                raise BadInput(f"{index}: not a checkpoint index ({e})") from None
             files = [folder / f for f in dict.fromkeys(weight_map.values())]
             for f in files:
                 if not f.exists():
-                    raise LoadError(f"{index} names {f.name}, which is not in {folder}")
+                    raise BadInput(f"{index} names {f.name}, which is not in {folder}")
             return files
         if (folder / single).exists():
             return [folder / single]
-    raise LoadError(f"{folder}: no weights (expected model.safetensors, model.safetensors.index.json, "
+    raise BadInput(f"{folder}: no weights (expected model.safetensors, model.safetensors.index.json, "
                     "pytorch_model.bin or pytorch_model.bin.index.json)")
 
 
@@ -97,16 +119,16 @@ def read_safetensors(path: Path, staging: Staging | None = None):
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else size
         if n > size - 8:
-            raise LoadError(f"{path}: cannot read (the header says {n} bytes; the file has {size})")
+            raise BadInput(f"{path}: cannot read (the header says {n} bytes; the file has {size})")
         header = json.loads(f.read(n))
         header.pop("__metadata__", None)
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             start, end = info["data_offsets"]
             if 8 + n + end > size:
-                raise LoadError(f"{path}: cannot read tensor {name!r}: the file ends at byte {size}, "
+                raise BadInput(f"{path}: cannot read tensor {name!r}: the file ends at byte {size}, "
                                 f"the tensor at {8 + n + end} (a truncated download?)")
             if info["dtype"] not in SAFETENSORS_DTYPES:
-                raise LoadError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which minqlora cannot read")
+                raise BadInput(f"{path}: tensor {name!r} has dtype {info['dtype']}, which minqlora cannot read")
             dtype = SAFETENSORS_DTYPES[info["dtype"]]
             if end == start:
                 yield name, torch.empty(info["shape"], dtype=dtype)
@@ -132,10 +154,10 @@ def read_tensors(path: Path, staging: Staging | None = None):
         else:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             yield from state.items()
-    except LoadError:
+    except BadInput:
         raise
     except Exception as e:  # a corrupt file: say which, and what the reader said
-        raise LoadError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+        raise BadInput(f"{path}: cannot read ({type(e).__name__}: {e})") from None
 
 
 def load_model(path, *, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True,
@@ -146,7 +168,7 @@ def load_model(path, *, bits: int = 4, quant_type: str = "nf4", double_quant: bo
         raise ValueError(f"bits={bits}: only 4 (QLoRA) and 16 (no quantization) are supported")
     folder = Path(path)
     if not folder.is_dir():
-        raise LoadError(f"{folder}: not a model folder")
+        raise BadInput(f"{folder}: not a model folder")
     cfg = LlamaConfig.from_json(folder)
     files = weight_files(folder)
     with torch.device("meta"):
@@ -163,16 +185,16 @@ def load_model(path, *, bits: int = 4, quant_type: str = "nf4", double_quant: bo
             if name.endswith(IGNORED_SUFFIXES) or (cfg.tie_word_embeddings and name == "lm_head.weight"):
                 continue
             if name not in expected:
-                raise LoadError(f"{file}: tensor {name!r} is not a parameter of this model "
+                raise BadInput(f"{file}: tensor {name!r} is not a parameter of this model "
                                 f"(model_type={cfg.model_type}, {cfg.num_hidden_layers} layers)")
             if name in filled:
-                raise LoadError(f"{file}: tensor {name!r} appears again (first in {filled[name].name})")
+                raise BadInput(f"{file}: tensor {name!r} appears again (first in {filled[name].name})")
             want = tuple(expected[name].shape)
             if tuple(tensor.shape) != want:
-                raise LoadError(f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                raise BadInput(f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                                 f"config.json implies {want}")
             if not tensor.is_floating_point():
-                raise LoadError(f"{file}: tensor {name!r} has dtype {tensor.dtype}, expected floating point")
+                raise BadInput(f"{file}: tensor {name!r} has dtype {tensor.dtype}, expected floating point")
             module_name, _, attr = name.rpartition(".")
             module = modules[module_name]
             quantize = bits == 4 and isinstance(module, nn.Linear) and module_name != "lm_head"
@@ -193,12 +215,28 @@ def load_model(path, *, bits: int = 4, quant_type: str = "nf4", double_quant: bo
     missing = [n for n in expected if n not in filled]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise LoadError(f"{folder}: the checkpoint has no tensor for {shown}")
+        raise BadInput(f"{folder}: the checkpoint has no tensor for {shown}")
     if cfg.tie_word_embeddings:
         model.tie_weights()
     meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     assert not meta, f"left unfilled: {meta}"
     return model.eval()
+
+
+def load_with_adapter(base, adapter=None, *, bits=4, quant_type="nf4", double_quant=True, dtype=torch.float32,
+                      device="cpu", progress=True):
+    """(model in eval mode with the adapter `adapter` (a peft or minqlora folder) applied, tokenizer)."""
+    model = load_model(base, bits=bits, quant_type=quant_type, double_quant=double_quant, dtype=dtype,
+                       device=device, progress=progress)
+    tokenizer = Tokenizer.from_dir(base)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise BadInput(f"{base}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
+                       f"vocab_size={model.config.vocab_size}")
+    if tokenizer.eos_id is None:
+        raise BadInput(f"{base}: the tokenizer names no eos token")
+    if adapter:
+        load_adapter(model, adapter)  # LoRA weights land on each base layer's device
+    return model.eval(), tokenizer
 
 
 def save_checkpoint(state_dict: dict, cfg: LlamaConfig, out_dir, *, max_shard_bytes: int = 5 * 2**30,
@@ -213,7 +251,7 @@ def save_checkpoint(state_dict: dict, cfg: LlamaConfig, out_dir, *, max_shard_by
         state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
     for name, t in state_dict.items():
         if not t.is_floating_point():
-            raise LoadError(f"save_checkpoint: {name!r} is {t.dtype} (a 4-bit layer?); "
+            raise BadInput(f"save_checkpoint: {name!r} is {t.dtype} (a 4-bit layer?); "
                             "dequantize the model first (nf4.dequantize_linears)")
     shards, current, size = [], {}, 0
     for name, t in state_dict.items():

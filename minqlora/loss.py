@@ -2,7 +2,8 @@
 
 Labels are input_ids with -100 where a token is not scored (prompt, padding), as in
 qlora.py's DataCollatorForCausalLM and transformers' LlamaForCausalLM; logits at position t
-predict the token at t+1. Computed in fp32 whatever the model's dtype. Checked against
+predict the token at t+1. Computed in fp32 whatever the model's dtype. No paper section (QLoRA,
+like qlora.py, scores the response only: the masking is data.py's). Checked against
 transformers' loss in tests/test_model.py.
 """
 import torch

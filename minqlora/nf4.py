@@ -135,31 +135,6 @@ def quantize_linear_weight(
     return Linear4bit(param, compute_dtype)
 
 
-def from_linear(
-    linear: nn.Linear,
-    *,
-    quant_type: str = "nf4",
-    double_quant: bool = True,
-    compute_dtype: torch.dtype | None = None,
-    blocksize: int = 64,
-) -> Linear4bit:
-    """Quantize an existing nn.Linear (without bias) into a Linear4bit."""
-    if not isinstance(linear, nn.Linear):
-        raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-    if linear.bias is not None:
-        raise ValueError(
-            "from_linear: this nn.Linear has a bias; minqlora's Linear4bit has no bias support "
-            "(Llama's linears have none). Build the layer with bias=False."
-        )
-    return quantize_linear_weight(
-        linear.weight.data,
-        quant_type=quant_type,
-        double_quant=double_quant,
-        compute_dtype=compute_dtype,
-        blocksize=blocksize,
-    )
-
-
 @torch.no_grad()
 def dequantize_linears(model: nn.Module) -> nn.Module:
     """Replace every Linear4bit in `model` by an nn.Linear holding its dequantized weight (compute dtype),

@@ -11,8 +11,8 @@ indexed by the number of optimizer steps taken; checked against transformers' ge
 tests/test_optim.py. Note transformers' `constant` has no warmup at all, even with --warmup_ratio:
 qlora.py's defaults (constant, warmup_ratio 0.03) therefore train at the full LR from step 1.
 A resumed run does not restore the saved schedule: it puts this run's schedule (its --max_steps,
-warmup and --learning_rate) at the saved position (`fast_forward`), so the flags of the resumed run
-decide the LR from its first step.
+warmup and --learning_rate) at the saved position (`fast_forward`, through the scheduler's public
+`last_epoch` and `step()`), so the flags of the resumed run decide the LR from its first step.
 """
 from __future__ import annotations
 
@@ -102,12 +102,13 @@ def fast_forward(scheduler: LambdaLR, step: int) -> float:
     """Put `scheduler` and its optimizer where `step` scheduler steps would have: every param group's
     lr = its peak (the scheduler's base_lrs, i.e. this run's --learning_rate) * f(step). Returns that lr.
     On resume the LR is derived this way, never restored, so it always follows this run's schedule."""
-    scheduler.last_epoch = step
-    lrs = [base * f(step) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-    for group, base, lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, lrs):
-        group["initial_lr"], group["lr"] = base, lr
-    scheduler._last_lr = lrs  # what get_last_lr() returns
-    return lrs[0]
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["initial_lr"] = base  # a loaded optimizer carries the old run's
+    scheduler.last_epoch = step - 1
+    with warnings.catch_warnings():  # "step() before optimizer.step()": no update is skipped here
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()  # LambdaLR's lr is closed-form in last_epoch: base * f(step), in every group
+    return scheduler.get_last_lr()[0]
 
 
 def schedule_change(name: str, saved: dict | None, now: dict) -> str | None:

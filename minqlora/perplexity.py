@@ -1,7 +1,9 @@
-"""Perplexity as the course scores it (NTU ADL 2023 HW3's ppl.py), batched.
+"""Perplexity of each record's output given its prompt, as the course scores it (NTU ADL 2023 HW3's
+ppl.py), batched: scripts/ppl.py's number and the trainer's eval metric (the protocol around it:
+course.py); and the trainer's eval loss. No paper section.
 
-Per example: tokens = [BOS] + encode(prompt) + encode(output) + [EOS], prompt and output tokenised
-separately without special tokens, the whole cut to `max_length` (2048) tokens from the right.
+Per example (data.encode_example): tokens = [BOS] + encode(prompt) + encode(output) + [EOS], prompt
+and output tokenised separately, the whole cut to `max_length` (2048) tokens from the right.
 Scored: the positions whose label (the next token) is an output token or the EOS, i.e. the course's
 output mask shifted like any causal LM loss. perplexity = exp(mean cross-entropy over those tokens);
 the reported number is the arithmetic mean of the per-example perplexities (not exp of a mean loss).
@@ -17,31 +19,28 @@ tests/test_perplexity.py.
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
-import statistics
 import warnings
 
 import torch
 from tqdm import tqdm
 
-from .atomic import atomic_file
 from .cudagraph import GraphedForward
-from .data import Example, collate
+from .data import collate, encode_example
 from .generate import PromptTooLongError, eval_mode
-from .loss import IGNORE_INDEX, token_nll
+from .loss import IGNORE_INDEX, causal_lm_loss, token_nll
 
 
-def encode_example(tokenizer, prompt_text: str, output: str, max_length: int = 2048):
-    """(input ids, labels): labels are -100 on BOS and the prompt, the ids on output + EOS."""
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    prompt_ids = bos + tokenizer.encode(prompt_text)
-    output_ids = tokenizer.encode(output) + [tokenizer.eos_id]
-    ids = (prompt_ids + output_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + output_ids)[:max_length]
-    return ids, labels
+@torch.inference_mode()
+def eval_loss(model, examples, batch_size, pad_id, device) -> float:
+    """Mean NLL over every target token of the eval set (training's truncation and prompt)."""
+    total, count = 0.0, 0
+    with eval_mode(model):
+        for i in range(0, len(examples), batch_size):
+            b = collate(examples[i:i + batch_size], pad_id)
+            s, n = causal_lm_loss(model(b["input_ids"].to(device)), b["labels"].to(device), reduction="sum")
+            total, count = total + s.item(), count + n.item()
+    return total / max(count, 1)
 
 
 @torch.inference_mode()
@@ -49,7 +48,7 @@ def perplexities(model, tokenizer, records, prompt, *, batch_size: int = 8, max_
                  progress: bool = True, source: str | None = None, cuda_graphs: bool | None = None) -> list[float]:
     """Each record's perplexity of its `output` given `prompt(record)`, in record order.
 
-    `prompt` is a prompts.Prompt (or any callable record -> str, e.g. a fewshot.FewShotPrompt).
+    `prompt` is a data.Prompt (or any callable record -> str, e.g. a course.FewShotPrompt).
     The model is scored in eval mode and put back in training mode afterwards if it was training.
     An example longer than the model's context is refused, naming `source` (the file) and the record.
     cuda_graphs (default: on a CUDA device): forwards replayed from CUDA graphs (cudagraph.GraphedForward).
@@ -58,16 +57,16 @@ def perplexities(model, tokenizer, records, prompt, *, batch_size: int = 8, max_
         raise ValueError(f"batch_size={batch_size}: must be at least 1")
     if max_length < 2:
         raise ValueError(f"max_length={max_length}: must be at least 2")
-    rows = [encode_example(tokenizer, prompt(r), r["output"], max_length) for r in records]
+    rows = [encode_example(tokenizer, prompt(r), r["output"], max_length=max_length) for r in records]
     ctx = model.config.max_position_embeddings
-    for i, (ids, _) in enumerate(rows):
-        if len(ids) > ctx:
+    for i, e in enumerate(rows):
+        if len(e.input_ids) > ctx:
             rid = records[i].get("id")
             raise PromptTooLongError(
-                (f"{source}: " if source else "") + f"record {i}" + (f" (id {rid!r})" if rid is not None else "") + f" has {len(ids)} tokens "
+                (f"{source}: " if source else "") + f"record {i}" + (f" (id {rid!r})" if rid is not None else "") + f" has {len(e.input_ids)} tokens "
                 f"(prompt + output, cut at max_length={max_length}); the model's context "
                 f"(max_position_embeddings) is {ctx}: lower --max_length to {ctx} or shorten the prompt")
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]), reverse=True)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids), reverse=True)
     device = model.lm_head.weight.device
     if cuda_graphs is None:
         cuda_graphs = device.type == "cuda"
@@ -77,7 +76,7 @@ def perplexities(model, tokenizer, records, prompt, *, batch_size: int = 8, max_
                                 disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            b = collate([Example(*rows[i], length=len(rows[i][0])) for i in batch], tokenizer.pad_id)
+            b = collate([rows[i] for i in batch], tokenizer.pad_id)
             ids, labels = b["input_ids"].to(device), b["labels"].to(device)  # (B, T) right-padded
             logits = forward(ids)  # (B, T, V)
             nll, mask = token_nll(logits, labels)  # (B, T-1) each
@@ -86,7 +85,7 @@ def perplexities(model, tokenizer, records, prompt, *, batch_size: int = 8, max_
             for i, v in zip(batch, ppl.tolist()):
                 out[i] = v
             bar.update(len(batch))
-    empty = [i for i, (_, y) in enumerate(rows) if all(t == IGNORE_INDEX for t in y[1:])]
+    empty = [i for i, e in enumerate(rows) if all(t == IGNORE_INDEX for t in e.labels[1:])]
     if empty:
         warnings.warn(f"{len(empty)} example(s) (first: record {empty[0]}) have no output token left "
                       f"after truncation to max_length={max_length}; their perplexity is NaN")
@@ -99,30 +98,3 @@ def mean_perplexity(values) -> float:
     if not values:
         raise ValueError("mean_perplexity: no values")
     return math.fsum(values) / len(values)
-
-
-def summarize(draw_means: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1) of several draws' scores; std is 0 for one draw."""
-    mean = math.fsum(draw_means) / len(draw_means)
-    std = statistics.stdev(draw_means) if len(draw_means) > 1 else 0.0
-    return mean, std
-
-
-def write_per_example(path, rows: list[dict]):
-    """Write rows (id, index, perplexity, ...) as CSV for a .csv path, else a JSON list; atomically.
-
-    NaN perplexities become null in JSON and empty cells in CSV.
-    """
-    clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
-             for r in rows]
-    if str(path).lower().endswith(".csv"):
-        buf = io.StringIO()
-        fields = list(clean[0]) if clean else ["id", "index", "perplexity"]
-        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(clean)
-        text = buf.getvalue()
-    else:
-        text = json.dumps(clean, ensure_ascii=False, indent=1) + "\n"
-    with atomic_file(path) as f:
-        f.write(text)

@@ -1,4 +1,5 @@
 """Text <-> token ids for a Hugging Face model folder: SentencePiece `tokenizer.model` or `tokenizer.json`.
+No paper section.
 
 Checked against transformers 5's `AutoTokenizer.from_pretrained(folder)` (tests/test_tokenizer.py):
 `encode(text)` gives its `tok(text, add_special_tokens=False).input_ids`, `encode(text, bos=True)` its
@@ -192,10 +193,11 @@ class Tokenizer:
         return cls(backend, bos_id, eos_id, special_id("pad"), tuple(sorted(stop_ids)))
 
     def encode(self, text, bos=False, eos=False):
+        """Token ids of `text`; bos/eos add the special ids (a tokenizer without one adds nothing)."""
         ids = self.backend.encode(text)
-        if bos:
+        if bos and self.bos_id is not None:
             ids = [self.bos_id] + ids
-        if eos:
+        if eos and self.eos_id is not None:
             ids = ids + [self.eos_id]
         return ids
 

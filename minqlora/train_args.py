@@ -1,24 +1,22 @@
-"""The flags of `scripts/train.py`: qlora.py's four argument groups, with its names and defaults.
+"""The flags of `scripts/train.py`: qlora.py's argument groups, with its names and defaults.
 
-artidoro/qlora's `qlora.py` parses ModelArguments, DataArguments, TrainingArguments (a subclass of
-transformers' Seq2SeqTrainingArguments) and GenerationArguments with HfArgumentParser and
-`return_remaining_strings=True`, so a mistyped or unsupported flag was silently ignored (`--lora_modules
-all` in the course's seed command never did anything there). Here every flag is a dataclass field; an
-unknown flag is an error, and a flag qlora.py or transformers accepts that minqlora does not implement
-is an error that says so. Defaults are qlora.py's (transformers' where qlora.py has none); where a
-qlora.py default names a Hugging Face hub repo, the embedded tiny model and example data stand in.
+artidoro/qlora's `qlora.py` reads ModelArguments, DataArguments, TrainingArguments (transformers'
+Seq2SeqTrainingArguments) and GenerationArguments; each of minqlora's own flags is a dataclass field
+below, documented once (its help). What exists only so that qlora.py command lines run (aliases, flags
+with no effect here, refusals) is qlora_compat.py. Defaults are qlora.py's (transformers' where qlora.py
+has none); where a qlora.py default names a Hugging Face hub repo, the embedded tiny model and example
+data stand in. No paper section. Checked against qlora.py's defaults and the seed command in
+tests/test_train.py.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-import torch
-
-from .cli import DTYPES, FlagError, parse_dataclasses
-
-
-class ArgsError(FlagError):
-    pass
+from . import qlora_compat as compat
+from .cli import parse_dataclasses
+from .data import check_limits
+from .errors import BadInput
+from .loader import DTYPES
 
 
 def _f(default, help, choices=None):
@@ -32,8 +30,6 @@ def _f(default, help, choices=None):
 class ModelArguments:
     model_name_or_path: str = _f("weights/tiny", "Model folder (Hugging Face layout: config.json, "
                                  "safetensors or .bin weights, tokenizer). qlora.py's default was a hub name")
-    trust_remote_code: bool = _f(False, "qlora.py: run the checkpoint's own Python code. Refused: "
-                                 "minqlora runs its own Llama code only")
     device: str = _f("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     dtype: str | None = _f(None, "Model/compute dtype. None: bfloat16 with --bf16, float16 with --fp16, "
                            "else float32 (as qlora.py, whose compute dtype is fp32 without them)",
@@ -69,8 +65,6 @@ class TrainingArguments:
     do_train: bool = _f(True, "Train")
     do_eval: bool = _f(False, "Evaluate (eval loss and mean perplexity) at the end, and during training "
                        "per --evaluation_strategy (which implies it, as in transformers)")
-    evaluation_strategy: str | None = _f(None, "transformers < 4.41 spelling of --eval_strategy",
-                                         ["no", "steps", "epoch", None])
     eval_strategy: str = _f("no", "When to evaluate", ["no", "steps", "epoch"])
     eval_steps: int | None = _f(None, "Evaluate every N optimizer steps. None: --logging_steps")
     eval_on_start: bool = _f(False, "Also evaluate before the first step (the base model's numbers)")
@@ -99,7 +93,6 @@ class TrainingArguments:
     warmup_ratio: float = _f(0.03, "Warmup steps as a fraction of the total (ignored by 'constant')")
     warmup_steps: int = _f(0, "Warmup steps; > 0 overrides --warmup_ratio")
     optim: str = _f("paged_adamw_32bit", "Optimizer", ["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch"])
-    adam8bit: bool = _f(False, "qlora.py's flag (unused there): same as --optim paged_adamw_8bit")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon")
@@ -108,145 +101,85 @@ class TrainingArguments:
     bits: int = _f(4, "Base weights: 4 (NF4/FP4, QLoRA) or 16 (unquantized). 8 is not implemented")
     quant_type: str = _f("nf4", "4-bit data type", ["nf4", "fp4"])
     double_quant: bool = _f(True, "Quantize the 4-bit block scales again (QLoRA section 3)")
-    full_finetune: bool = _f(False, "qlora.py: train every weight. Not implemented (LoRA only)")
     lora_r: int = _f(64, "LoRA rank")
     lora_alpha: float = _f(16, "LoRA alpha (update scaled by alpha / r)")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input")
     lora_modules: str = _f("all", "LoRA targets: all (every linear but lm_head) or names, e.g. q_proj,v_proj")
     train_on_source: bool = _f(False, "Also score the prompt tokens")
     gradient_checkpointing: bool = _f(True, "Recompute each layer in backward (less memory, ~30%% slower)")
+    pass_tokens: int = _f(-1, "Fast path, same gradient: pack each optimizer step's micro-batches into passes of "
+                          "at most N tokens (lower N to cap memory). 0: one pass per micro-batch, as "
+                          "transformers. -1: 4096 on a GPU, 0 on the CPU")
+    cuda_graphs: bool = _f(False, "Fast path on a GPU with one pass per micro-batch: replay each pass's forward "
+                           "and backward from CUDA graphs (lengths padded to a multiple of 128; no gradient "
+                           "checkpointing inside a graph, so for short sequences)")
     group_by_length: bool = _f(True, "Order examples so each optimizer step holds similar lengths")
     bf16: bool = _f(False, "Train in bfloat16 (model dtype; LoRA weights and optimizer stay fp32)")
     fp16: bool = _f(False, "Train in float16 (model dtype) with a gradient scaler")
-    max_memory_MB: int = _f(80000, "qlora.py: per-GPU memory for spreading weights over GPUs. minqlora runs "
-                            "on one device: accepted, no effect")
-    report_to: str = _f("none", "Only 'none': progress goes to log.jsonl and curves.png", ["none"])
-    remove_unused_columns: bool = _f(False, "Accepted for qlora.py's command lines; no effect (records are "
-                                     "tokenized here, no columns to remove)")
-    dataloader_num_workers: int = _f(0, "Accepted for qlora.py's command lines; no effect: the data is "
-                                     "tokenized once, before training, and batches are built in memory")
-
-
-@dataclass
-class GenerationArguments:
-    """qlora.py used these only with --do_predict; training does not generate. Kept in run_config.json."""
-    max_new_tokens: int | None = _f(256, "Generation: most new tokens (no effect on training)")
-    min_new_tokens: int | None = _f(None, "Generation: fewest new tokens (no effect on training)")
-    do_sample: bool = _f(False, "Generation: sample (no effect on training)")
-    num_beams: int = _f(1, "Generation (no effect on training)")
-    num_beam_groups: int = _f(1, "Generation (no effect on training)")
-    penalty_alpha: float | None = _f(None, "Generation (no effect on training)")
-    use_cache: bool = _f(True, "Generation (no effect on training)")
-    temperature: float = _f(1.0, "Generation (no effect on training)")
-    top_k: int = _f(50, "Generation (no effect on training)")
-    top_p: float = _f(1.0, "Generation (no effect on training)")
-    typical_p: float = _f(1.0, "Generation (no effect on training)")
-    diversity_penalty: float = _f(0.0, "Generation (no effect on training)")
-    repetition_penalty: float = _f(1.0, "Generation (no effect on training)")
-    length_penalty: float = _f(1.0, "Generation (no effect on training)")
-    no_repeat_ngram_size: int = _f(0, "Generation (no effect on training)")
 
 
 GROUPS = {"model arguments": ModelArguments, "data arguments": DataArguments,
-          "training arguments": TrainingArguments, "generation arguments": GenerationArguments}
-
-# Flags qlora.py or transformers accept that minqlora does not implement: refused by name.
-NOT_IMPLEMENTED = {
-    **{f: "MMLU evaluation is not implemented (it needs the MMLU data from the hub)"
-       for f in ("do_mmlu_eval", "mmlu_split", "mmlu_dataset", "max_mmlu_samples", "mmlu_source_max_len")},
-    "do_predict": "prediction is a separate step: use scripts/predict.py",
-    "predict_with_generate": "prediction is a separate step: use scripts/predict.py",
-    "deepspeed": "DeepSpeed is not supported: minqlora trains on one device",
-    "fsdp": "FSDP is not supported: minqlora trains on one device",
-    "local_rank": "distributed training is not supported: minqlora trains on one device",
-    "cache_dir": "there is no hub download, so no cache: pass a local --model_name_or_path",
-    "load_best_model_at_end": "the best adapter is always kept in OUTPUT_DIR/best (the final one is the last "
-                              "step's)",
-    "metric_for_best_model": "the best checkpoint is always the one with the lowest eval perplexity",
-    "torch_compile": "torch.compile is not used",
-    "auto_find_batch_size": "not implemented: set --per_device_train_batch_size",
-}
-
+          "training arguments": TrainingArguments, "generation arguments": compat.GenerationArguments,
+          "qlora.py compatibility arguments": compat.QloraArguments}
 
 @dataclass
 class RunArgs:
     model: ModelArguments
     data: DataArguments
     train: TrainingArguments
-    generation: GenerationArguments
+    generation: compat.GenerationArguments
+    qlora: compat.QloraArguments
 
     def to_dict(self) -> dict:
-        return {**asdict(self.model), **asdict(self.data), **asdict(self.train), **asdict(self.generation)}
-
-
-def _refuse_unimplemented(argv):
-    for a in argv:
-        name = a[2:].split("=", 1)[0] if a.startswith("--") else None
-        if name in NOT_IMPLEMENTED:
-            raise ArgsError(f"--{name} is accepted by qlora.py/transformers but not implemented in minqlora: "
-                            f"{NOT_IMPLEMENTED[name]}")
+        return {k: v for part in (self.model, self.data, self.train, self.generation, self.qlora)
+                for k, v in asdict(part).items()}
 
 
 def validate(a: RunArgs) -> RunArgs:
     """Check combinations, fill the derived values (eval_strategy, do_eval, eval_steps, optim)."""
     m, d, t = a.model, a.data, a.train
-    if m.trust_remote_code:
-        raise ArgsError("--trust_remote_code True: minqlora never runs a checkpoint's own code; it runs its "
-                        "own Llama implementation (drop the flag)")
-    if t.full_finetune:
-        raise ArgsError("--full_finetune True is not implemented: minqlora trains LoRA adapters only")
-    if t.bits == 8:
-        raise ArgsError("--bits 8 (LLM.int8) is not implemented: use --bits 4 (QLoRA) or --bits 16")
+    compat.check(a.qlora, t, t.bits)
     if t.bits not in (4, 16):
-        raise ArgsError(f"--bits {t.bits}: expected 4 or 16")
-    if t.evaluation_strategy is not None:
-        if t.eval_strategy not in ("no", t.evaluation_strategy):
-            raise ArgsError(f"--evaluation_strategy {t.evaluation_strategy} and --eval_strategy {t.eval_strategy} "
-                            "disagree")
-        t.eval_strategy = t.evaluation_strategy
+        raise BadInput(f"--bits {t.bits}: expected 4 or 16")
     if t.eval_strategy != "no":
         t.do_eval = True  # transformers' TrainingArguments does the same
     if t.eval_steps is None:
         t.eval_steps = t.logging_steps
-    if t.adam8bit:
-        if t.optim not in ("paged_adamw_32bit", "paged_adamw_8bit"):
-            raise ArgsError(f"--adam8bit and --optim {t.optim} disagree")
-        t.optim = "paged_adamw_8bit"
     if t.bf16 and t.fp16:
-        raise ArgsError("--bf16 and --fp16: choose one")
+        raise BadInput("--bf16 and --fp16: choose one")
     want = "bfloat16" if t.bf16 else "float16" if t.fp16 else None
     if want and m.dtype not in (None, want):
-        raise ArgsError(f"--dtype {m.dtype} disagrees with --{'bf16' if t.bf16 else 'fp16'}")
+        raise BadInput(f"--dtype {m.dtype} disagrees with --{'bf16' if t.bf16 else 'fp16'}")
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size",
                  "logging_steps", "save_steps", "eval_steps", "lora_r"):
         if getattr(t, name) < 1:
-            raise ArgsError(f"--{name} must be at least 1, got {getattr(t, name)}")
-    for name, special in (("source_max_len", "BOS"), ("target_max_len", "EOS")):
-        if getattr(d, name) < 1:
-            raise ArgsError(f"--{name} {getattr(d, name)}: must be at least 1 (it counts the {special} token)")
+            raise BadInput(f"--{name} must be at least 1, got {getattr(t, name)}")
+    check_limits(d.source_max_len, d.target_max_len)
     for name in ("max_train_samples", "max_eval_samples"):
         if getattr(d, name) is not None and getattr(d, name) < 0:
-            raise ArgsError(f"--{name} {getattr(d, name)}: must be at least 0 (or None: all)")
+            raise BadInput(f"--{name} {getattr(d, name)}: must be at least 0 (or None: all)")
     if t.max_steps <= 0 and t.num_train_epochs <= 0:
-        raise ArgsError("--max_steps <= 0 and --num_train_epochs <= 0: nothing to train")
+        raise BadInput("--max_steps <= 0 and --num_train_epochs <= 0: nothing to train")
+    if t.pass_tokens < -1:
+        raise BadInput(f"--pass_tokens {t.pass_tokens}: expected N > 0, 0 (off) or -1 (auto)")
     if not 0 <= t.lora_dropout < 1:
-        raise ArgsError(f"--lora_dropout {t.lora_dropout}: expected 0 <= p < 1")
+        raise BadInput(f"--lora_dropout {t.lora_dropout}: expected 0 <= p < 1")
     if t.learning_rate <= 0:
-        raise ArgsError(f"--learning_rate {t.learning_rate}: must be positive")
+        raise BadInput(f"--learning_rate {t.learning_rate}: must be positive")
     if t.save_total_limit is not None and t.save_total_limit < 1:
-        raise ArgsError(f"--save_total_limit {t.save_total_limit}: must be at least 1 (or None: keep all)")
+        raise BadInput(f"--save_total_limit {t.save_total_limit}: must be at least 1 (or None: keep all)")
     if t.early_stopping_patience is not None and (t.early_stopping_patience < 1 or t.eval_strategy == "no"):
-        raise ArgsError("--early_stopping_patience needs N >= 1 and evaluation (--evaluation_strategy steps)")
+        raise BadInput("--early_stopping_patience needs N >= 1 and evaluation (--evaluation_strategy steps)")
     if not t.do_train:
-        raise ArgsError("--do_train False: nothing to do here; evaluate an adapter with scripts/ppl.py")
+        raise BadInput("--do_train False: nothing to do here; evaluate an adapter with scripts/ppl.py")
     return a
 
 
 def parse_args(argv=None, prog="train.py", description=None):
-    """(parser, RunArgs) from the command line; ArgsError for refused flags or combinations."""
+    """(parser, RunArgs) from the command line; BadInput for refused flags or combinations."""
     import sys
     argv = sys.argv[1:] if argv is None else list(argv)
-    _refuse_unimplemented(argv)
+    compat.refuse_unimplemented(argv)
     parser, parts = parse_dataclasses(GROUPS, argv, description=description, prog=prog)
     return parser, validate(RunArgs(*parts))
 
@@ -257,10 +190,10 @@ def lora_targets(spec: str):
         return "all"
     names = [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
-        raise ArgsError(f"--lora_modules {spec!r}: expected 'all' or names such as q_proj,v_proj")
+        raise BadInput(f"--lora_modules {spec!r}: expected 'all' or names such as q_proj,v_proj")
     return names
 
 
-def resolve_dtype(a: RunArgs) -> torch.dtype:
-    name = a.model.dtype or ("bfloat16" if a.train.bf16 else "float16" if a.train.fp16 else "float32")
-    return getattr(torch, name)
+def dtype_name(a: RunArgs) -> str:
+    """--dtype, else bfloat16 with --bf16, float16 with --fp16, else float32 (qlora.py's compute dtype)."""
+    return a.model.dtype or ("bfloat16" if a.train.bf16 else "float16" if a.train.fp16 else "float32")

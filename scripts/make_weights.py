@@ -31,7 +31,7 @@ from minqlora.config import LlamaConfig  # noqa: E402
 from minqlora.loader import save_checkpoint  # noqa: E402
 from minqlora.loss import IGNORE_INDEX, causal_lm_loss  # noqa: E402
 from minqlora.model import LlamaForCausalLM  # noqa: E402
-from minqlora.prompts import Prompt  # noqa: E402
+from minqlora.data import Prompt  # noqa: E402
 from minqlora.tokenizer import Tokenizer  # noqa: E402
 
 ENGLISH = """\

@@ -11,12 +11,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-
 from minqlora.adapter import load_adapter  # noqa: E402
-from minqlora.cli import DTYPES, parse_dataclasses  # noqa: E402
+from minqlora.cli import parse_dataclasses  # noqa: E402
 from minqlora.config import LlamaConfig  # noqa: E402
-from minqlora.loader import load_model, save_checkpoint  # noqa: E402
+from minqlora.errors import BadInput, run_main  # noqa: E402
+from minqlora.loader import DTYPES, load_model, resolve_device_dtype, save_checkpoint  # noqa: E402
 from minqlora.lora import merge_lora  # noqa: E402
 from minqlora.nf4 import dequantize_linears  # noqa: E402
 
@@ -32,30 +31,30 @@ class MergeArgs:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "replace an existing output_dir"})
     dtype: str = field(default="auto", metadata={"help": "dtype of the written weights; auto = the base's "
                                                          "torch_dtype", "choices": ["auto", *DTYPES]})
+    device: str = field(default="cpu", metadata={"help": "where to merge: cpu, cuda or cuda:N (auto: cuda if available)"})
+
+
+def merge(args: MergeArgs):
+    out, base = Path(args.output_dir), Path(args.base_model_path)
+    if out.resolve() in (base.resolve(), Path(args.peft_path).resolve()):
+        raise BadInput(f"--output_dir {out}: is the base model or the adapter folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite_output_dir:
+        raise BadInput(f"--output_dir {out}: exists and is not empty (--overwrite_output_dir replaces it)")
+    saved = LlamaConfig.from_json(args.base_model_path).torch_dtype
+    auto = saved if saved in DTYPES else "float32"  # the base's own dtype
+    device, dtype = resolve_device_dtype(args.device, auto if args.dtype == "auto" else args.dtype)
+    model = load_model(args.base_model_path, bits=args.bits, quant_type=args.quant_type,
+                       double_quant=args.double_quant, dtype=dtype, device=device)
+    load_adapter(model, args.peft_path)
+    merge_lora(model)
+    dequantize_linears(model)  # with --bits 4, the layers the adapter did not touch
+    out = save_checkpoint(model.state_dict(), model.config, args.output_dir, copy_from=args.base_model_path)
+    print(f"merged checkpoint written to {out}")
 
 
 def main(argv=None):
     _, (args,) = parse_dataclasses({"merge": MergeArgs}, argv, description=__doc__)
-    try:
-        out, base = Path(args.output_dir), Path(args.base_model_path)
-        if out.resolve() in (base.resolve(), Path(args.peft_path).resolve()):
-            raise ValueError(f"--output_dir {out}: is the base model or the adapter folder")
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite_output_dir:
-            raise ValueError(f"--output_dir {out}: exists and is not empty (--overwrite_output_dir replaces it)")
-        cfg = LlamaConfig.from_json(args.base_model_path)
-        dtype = DTYPES.get(args.dtype if args.dtype != "auto" else cfg.torch_dtype, torch.float32)
-        model = load_model(args.base_model_path, bits=args.bits, quant_type=args.quant_type,
-                           double_quant=args.double_quant, dtype=dtype)
-        load_adapter(model, args.peft_path)
-        merge_lora(model)
-        dequantize_linears(model)  # with --bits 4, the layers the adapter did not touch
-        out = save_checkpoint(model.state_dict(), model.config, args.output_dir,
-                              copy_from=args.base_model_path)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"merged checkpoint written to {out}")
-    return 0
+    return run_main(merge, args)
 
 
 if __name__ == "__main__":

@@ -3,22 +3,89 @@
     python scripts/predict.py --base_model_path DIR --peft_path ADAPTER \
         --test_data_path IN.json --output_path OUT.json
 
-Greedy by default, prompted with the same template as ppl.py; see minqlora/generate.py.
+Greedy by default, prompted with the same template as ppl.py. Flags -> load -> run -> write; the
+generation loop is minqlora/generate.py. Exit status 2 for bad input, found before the model loads;
+the output file is replaced only when every record has its output.
 """
+import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minqlora.cli import parse_dataclasses  # noqa: E402
-from minqlora.inference import ModelArgs, PredictArgs, run_cli, run_predict  # noqa: E402
+from minqlora.atomic import atomic_file  # noqa: E402
+from minqlora.cli import ModelArgs, check_output_path, check_positive, parse_dataclasses  # noqa: E402
+from minqlora.data import Prompt, read_records  # noqa: E402
+from minqlora.errors import BadInput, run_main  # noqa: E402
+from minqlora.generate import generate  # noqa: E402
+from minqlora.loader import load_with_adapter, resolve_device_dtype  # noqa: E402
+
+
+@dataclass
+class PredictArgs:
+    test_data_path: str = field(default="data/example/predict.json", metadata={
+        "help": "records with id and instruction"})
+    output_path: str = field(default="output/predictions.json", metadata={
+        "help": "where to write [{id, output}] (replaced only when the run completes)"})
+    prompt_template: str = field(default="course", metadata={
+        "help": "course, alpaca, input-output, or a file holding {instruction}"})
+    max_new_tokens: int = field(default=128, metadata={"help": "new tokens at most per example"})
+    do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_k: int = field(default=50, metadata={"help": "sample from the k likeliest tokens; 0 = all"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass; 1.0 = off"})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "1.0 = off; >1 discourages repeats"})
+    batch_size: int = field(default=8, metadata={"help": "prompts generated together"})
+    seed: int = field(default=42, metadata={"help": "seed of the sampling"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+
+def predict(m: ModelArgs, args: PredictArgs) -> list[dict]:
+    # 1. Flags and data, every check before the model loads.
+    check_positive(batch_size=(args.batch_size, 1), max_new_tokens=(args.max_new_tokens, 1), top_k=(args.top_k, 0))
+    if not 0 < args.top_p <= 1:
+        raise BadInput(f"--top_p {args.top_p}: must be in (0, 1]")
+    if args.temperature <= 0 or args.repetition_penalty <= 0:
+        raise BadInput("--temperature and --repetition_penalty must be > 0")
+    device, dtype = resolve_device_dtype(m.device, m.dtype)
+    try:
+        prompt = Prompt(args.prompt_template)
+    except BadInput as e:
+        raise BadInput(f"--prompt_template: {e}") from None
+    path = args.test_data_path
+    records = read_records(path, required=prompt.fields, unique_ids=True)
+    for i, rec in enumerate(records):
+        if rec.get("id") is None:
+            raise BadInput(f"{path}: record {i} has no 'id' field; predictions are keyed by id")
+    check_output_path(args.output_path, "--output_path")
+
+    # 2. Load: the 4-bit base, the adapter on it.
+    model, tokenizer = load_with_adapter(m.base_model_path, m.peft_path, bits=m.bits, quant_type=m.quant_type,
+                                         double_quant=m.double_quant, dtype=dtype, device=device,
+                                         progress=args.progress)
+
+    # 3. Run: every prompt checked against the context, then generated in batches of similar length.
+    names = [f"{path}: record {i} (id {rec['id']!r})" for i, rec in enumerate(records)]
+    outputs = generate(model, tokenizer, [prompt(r) for r in records], max_new_tokens=args.max_new_tokens,
+                       batch_size=args.batch_size, do_sample=args.do_sample, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                       seed=args.seed, names=names, progress=args.progress)
+
+    # 4. Write, under a temporary name renamed when complete.
+    result = [{"id": rec["id"], "output": out} for rec, out in zip(records, outputs)]
+    with atomic_file(args.output_path) as f:
+        json.dump(result, f, ensure_ascii=False, indent=2)
+        f.write("\n")
+    print(f"Wrote {len(result)} predictions to {args.output_path}")
+    return result
 
 
 def main(argv=None) -> int:
     _, (model_args, predict_args) = parse_dataclasses(
         {"model": ModelArgs, "generation": PredictArgs}, argv, prog="predict.py",
         description="Write [{id, output}] predictions for a test file.")
-    return run_cli(run_predict, model_args, predict_args)
+    return run_main(predict, model_args, predict_args)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 Exit status: 0 done; 2 bad input (flags, data, model folder, output_dir, checkpoint), found before the
 first step, nothing written; 1 training failed once started (loss or weights NaN/inf, out of memory, or
 any error during the loop, e.g. a full disk: the trainer reports it as a TrainingError), earlier
-checkpoints kept; 130 interrupted (Ctrl-C), after saving a checkpoint to resume from.
+checkpoints kept; 130 interrupted (Ctrl-C), after saving a checkpoint to resume from (minqlora/errors.py).
 """
 import sys
 from pathlib import Path
@@ -30,37 +30,16 @@ DESCRIPTION = ("Fine-tune a Llama-family model with QLoRA. Flags, names and defa
                "at all it runs a small demo: " + " ".join(DEMO))
 
 
-def main(argv=None):
-    import torch
-
+def run(argv):
+    from minqlora.qlora_compat import no_effect_note
     from minqlora.train_args import parse_args
-    from minqlora.trainer import MEMORY_HINT, Interrupted, TrainingError, train
+    from minqlora.trainer import train
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv:
-        print("no flags: running the demo (python scripts/train.py --help lists the flags):\n  "
-              "python scripts/train.py " + " ".join(DEMO), flush=True)
-        argv = DEMO
-    try:
-        _, args = parse_args(argv, prog="train.py", description=DESCRIPTION)
-        result = train(args)
-    except Interrupted as e:
-        where = f"; checkpoint {e.path}" if e.path else "; no step completed, nothing saved"
-        print(f"interrupted after step {e.step}{where}. Continue with the same flags plus "
-              "--resume_from_checkpoint latest", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("interrupted before training started; nothing was saved", file=sys.stderr)
-        return 130
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except torch.OutOfMemoryError:
-        print(f"error: {MEMORY_HINT}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    _, args = parse_args(argv, prog="train.py", description=DESCRIPTION)
+    note = no_effect_note(argv)
+    if note:
+        print(note)
+    result = train(args)
     out = Path(result["output_dir"])
     print(f"done: {result['step']} steps ({result['stop']}) in {result['elapsed']:.0f} s")
     print(f"  adapter     {out}/adapter_model.safetensors (+ adapter_config.json)")
@@ -69,7 +48,17 @@ def main(argv=None):
               f"at step {result['best_step']})")
     print(f"  log         {out}/log.jsonl")
     print(f"  curves      {out}/curves.png, {out}/curves.csv")
-    return 0
+
+
+def main(argv=None):
+    from minqlora.errors import run_main
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        print("no flags: running the demo (python scripts/train.py --help lists the flags):\n  "
+              "python scripts/train.py " + " ".join(DEMO), flush=True)
+        argv = DEMO
+    return run_main(run, argv)
 
 
 if __name__ == "__main__":

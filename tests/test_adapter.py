@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 
 import minqlora.adapter as adapter_mod
 from _tiny import hf_model, mq_from_hf, pair
-from minqlora.adapter import AdapterError, load_adapter, save_adapter
+from minqlora.adapter import load_adapter, save_adapter
+from minqlora.errors import BadInput
 from minqlora.lora import apply_lora, lora_modules
 from minqlora.nf4 import Linear4bit, quantize_linear_weight
 
@@ -99,7 +100,7 @@ def test_load_into_wrapped_model_and_4bit_base(tmp_path):
     torch.testing.assert_close(fresh(IDS), mq(IDS), rtol=0, atol=0)
     _, other_rank = pair(0)
     apply_lora(other_rank, r=8, alpha=8, targets="all")
-    with pytest.raises(AdapterError, match="r=4.*r=8"):
+    with pytest.raises(BadInput, match="r=4.*r=8"):
         load_adapter(other_rank, out)
     # A 4-bit base: the adapter wraps the Linear4bit layers; logits close to the 16-bit ones.
     _, q = pair(0)
@@ -128,7 +129,7 @@ def edit_tensors(folder, fn):
 
 def assert_refused(folder, match, **overrides):
     _, mq = pair(0, **overrides)
-    with pytest.raises(AdapterError, match=match):
+    with pytest.raises(BadInput, match=match):
         load_adapter(mq, folder)
     assert not lora_modules(mq)  # a refused adapter leaves the model untouched
 
@@ -214,12 +215,12 @@ def test_save_is_atomic_and_keeps_other_files(tmp_path, monkeypatch):
 
 def test_save_checks_arguments(tmp_path):
     _, mq = pair(0)
-    with pytest.raises(AdapterError, match="no LoRA layers"):
+    with pytest.raises(BadInput, match="no LoRA layers"):
         save_adapter(mq, tmp_path / "a", r=4, alpha=8, dropout=0.0, targets="all", base_model_name_or_path=None)
     apply_lora(mq, r=4, alpha=8, targets=["q_proj"])
-    with pytest.raises(AdapterError, match="r=8"):
+    with pytest.raises(BadInput, match="r=8"):
         save_adapter(mq, tmp_path / "a", r=8, alpha=8, dropout=0.0, targets="all", base_model_name_or_path=None)
-    with pytest.raises(AdapterError, match="v_proj"):
+    with pytest.raises(BadInput, match="v_proj"):
         save_adapter(mq, tmp_path / "a", r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj"],
                      base_model_name_or_path=None)
     # Wrapping only some q_proj layers: short names would over-match in peft, so full names are written.
@@ -243,6 +244,6 @@ def test_refuses_a_corrupt_adapter_file(tmp_path, name):
     st.unlink()
     (out / name).write_bytes(data[: len(data) // 2] if name.endswith("safetensors") else b"not a pickle")
     _, fresh = pair(0)
-    with pytest.raises(AdapterError, match=rf"{name}: cannot read"):
+    with pytest.raises(BadInput, match=rf"{name}: cannot read"):
         load_adapter(fresh, out)
     assert not lora_modules(fresh)  # refused before the model was touched

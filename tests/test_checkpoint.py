@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import minqlora.checkpoint as ckpt
+from minqlora.errors import BadInput
 from _fixtures_train import fast_args, load_script, needs_tiny, read_log, train_losses, train_main, write_records
 from minqlora.curves import RunLog, write_curves
 from minqlora.curves import read_log as read_curves_log
@@ -221,8 +222,9 @@ def test_the_log_is_cut_by_renaming_a_new_file(tmp_path):
     path.write_text(path.read_text() + '{"step": 4, "lo')  # and a line cut short by a kill
     inode = path.stat().st_ino
     with open(path, encoding="utf-8") as reader:  # e.g. scripts/plot.py reading the log meanwhile
-        with RunLog(path, keep_until_step=2) as log:
-            log.write(step=3, loss=0.9)
+        log = RunLog(path, keep_until_step=2)
+        log.write(step=3, loss=0.9)
+        log.close()
         assert len(reader.read().splitlines()) == 5  # the old file was never truncated in place
     assert path.stat().st_ino != inode
     assert [json.loads(ln) for ln in path.read_text().splitlines()] == [
@@ -265,7 +267,7 @@ def test_a_failed_checkpoint_write_leaves_nothing_half_written(tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
     assert {p.name for p in good.iterdir()} == {"adapter_config.json", "adapter_model.safetensors",
                                                  "trainer_state.pt", "trainer_state.json"}
-    with pytest.raises(ckpt.CheckpointError, match="not a training checkpoint"):
+    with pytest.raises(BadInput, match="not a training checkpoint"):
         ckpt.find_checkpoint(str(tmp_path), tmp_path)
     assert ckpt.find_checkpoint("latest", tmp_path) == good
 
@@ -283,7 +285,7 @@ def test_output_dir_of_another_run_is_refused_or_overwritten(tmp_path):
     (tmp_path / "checkpoint-5").mkdir()
     (tmp_path / "log.jsonl").write_text("{}\n")
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(ckpt.CheckpointError, match="holds another run.*--overwrite_output_dir"):
+    with pytest.raises(BadInput, match="holds another run.*--overwrite_output_dir"):
         ckpt.prepare_output_dir(tmp_path, overwrite=False, resuming=False)
     assert ckpt.prepare_output_dir(tmp_path, overwrite=False, resuming=True) == []
     assert (tmp_path / "checkpoint-5").exists()

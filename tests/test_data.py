@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from minqlora.errors import BadInput
 from _fixtures_data import SHARED, copy_llama_tokenizer, hf_tokenizer, qlora_collate, write_llama_tokenizer
 from minqlora.audit import audit
 from minqlora.data import (
-    FORMATS, DataError, Example, LengthGroupedSampler, RandomSampler, build_examples, collate, encode_example,
-    load_dataset, source_text, split_train_eval,
+    FORMATS, Example, Prompt, build_examples, collate, encode_example, length_grouped, load_dataset,
+    shuffled, split_train_eval,
 )
-from minqlora.prompts import Prompt
 from minqlora.tokenizer import Tokenizer
 
 # qlora.py's ALPACA_PROMPT_DICT, copied verbatim.
@@ -102,9 +102,9 @@ def test_build_examples_and_limits(toks):
     got = build_examples(recs, tok, p, source_max_len=30, target_max_len=5, progress=False)
     want = [encode_example(tok, p(r), r["output"], source_max_len=30, target_max_len=5) for r in recs]
     assert got == want and all(isinstance(e, Example) for e in got)
-    with pytest.raises(DataError, match="--source_max_len"):
+    with pytest.raises(BadInput, match="--source_max_len"):
         build_examples(recs, tok, p, source_max_len=0, target_max_len=5, progress=False)
-    with pytest.raises(DataError, match="--target_max_len"):
+    with pytest.raises(BadInput, match="--target_max_len"):
         encode_example(tok, "a", "b", source_max_len=4, target_max_len=0)
 
 
@@ -118,11 +118,11 @@ def test_collate_padding():
 def test_alpaca_prompts_equal_qlora():
     p = Prompt("alpaca")
     for rec in ({"instruction": "Do it", "output": "o"}, {"instruction": "Do it", "input": "", "output": "o"}):
-        assert source_text(rec, p) == QLORA_ALPACA["prompt_no_input"].format(**rec)
+        assert p(rec) == QLORA_ALPACA["prompt_no_input"].format(**rec)
     rec = {"instruction": "Do it", "input": "this", "output": "o"}
-    assert source_text(rec, p) == QLORA_ALPACA["prompt_input"].format(**rec)
-    assert source_text({"input": "raw text {x}", "output": "o"}, Prompt("input-output")) == "raw text {x}"
-    assert source_text({"instruction": "翻譯", "output": "o"}, Prompt("course")).endswith("USER: 翻譯 ASSISTANT:")
+    assert p(rec) == QLORA_ALPACA["prompt_input"].format(**rec)
+    assert Prompt("input-output")({"input": "raw text {x}", "output": "o"}) == "raw text {x}"
+    assert Prompt("course")({"instruction": "翻譯", "output": "o"}).endswith("USER: 翻譯 ASSISTANT:")
 
 
 def test_load_dataset(tmp_path):
@@ -130,12 +130,12 @@ def test_load_dataset(tmp_path):
     path.write_text(json.dumps([{"instruction": "i", "output": "o"}]), encoding="utf-8")
     assert FORMATS == ("alpaca", "input-output", "course")
     assert load_dataset(path, "alpaca") == load_dataset(path, "course") == [{"instruction": "i", "output": "o"}]
-    with pytest.raises(DataError, match="record 0 has no 'input'"):
+    with pytest.raises(BadInput, match="record 0 has no 'input'"):
         load_dataset(path, "input-output")
-    with pytest.raises(DataError, match="--dataset_format"):
+    with pytest.raises(BadInput, match="--dataset_format"):
         load_dataset(path, "chip2")
     path.write_text(json.dumps([{"instruction": "i", "input": None, "output": "o"}]), encoding="utf-8")
-    with pytest.raises(DataError, match="non-string 'input'"):
+    with pytest.raises(BadInput, match="non-string 'input'"):
         load_dataset(path, "alpaca")
 
 
@@ -160,9 +160,9 @@ def test_split_train_eval():
     (dict(eval_dataset_size=2, max_eval_samples=0), "--max_eval_samples"),
 ])
 def test_split_errors(kw, match):
-    with pytest.raises(DataError, match=match):
+    with pytest.raises(BadInput, match=match):
         split_train_eval([{"id": i} for i in range(5)], seed=0, **kw)
-    with pytest.raises(DataError, match="no training records"):
+    with pytest.raises(BadInput, match="no training records"):
         split_train_eval([], eval_dataset_size=1, max_eval_samples=None, seed=0)
 
 
@@ -175,31 +175,28 @@ def test_length_grouped_sampler_equals_transformers(n, group, seed):
     # rarely in the first megabatch: it must be swapped to the front).
     for high in (60, 100_000):
         lengths = torch.randint(1, high, (n,), generator=g).tolist()
-        sampler = LengthGroupedSampler(lengths, group, seed)
         for epoch in (0, 1):
             ref = get_length_grouped_indices(lengths, group, generator=torch.Generator().manual_seed(seed + epoch))
-            assert sampler.indices(epoch) == ref
-        assert sampler.indices(0) != sampler.indices(1) or n < 10
-        assert lengths[sampler.indices(0)[0]] == max(lengths)  # longest first
+            assert length_grouped(lengths, group, seed, epoch) == ref
+        assert length_grouped(lengths, group, seed, 0) != length_grouped(lengths, group, seed, 1) or n < 10
+        assert lengths[length_grouped(lengths, group, seed, 0)[0]] == max(lengths)  # longest first
 
 
 def test_random_sampler_equals_accelerate():
     from accelerate.data_loader import SeedableRandomSampler
 
-    sampler = RandomSampler([3] * 100, 8, seed=5)
     ref = SeedableRandomSampler(range(100), data_seed=5)
     first, second = list(ref), list(ref)  # accelerate moves to the next epoch after each pass
-    assert sampler.indices(0) == first and sampler.indices(1) == second
-    assert sorted(sampler.indices(3)) == list(range(100)) and sampler.indices(3) == sampler.indices(3)
+    assert shuffled(100, 5, 0) == first and shuffled(100, 5, 1) == second
+    assert sorted(shuffled(100, 5, 3)) == list(range(100)) and shuffled(100, 5, 3) == shuffled(100, 5, 3)
 
 
 class CharTok:
     """One token per character: lengths are easy to craft."""
     bos_id, eos_id = 1, 2
 
-    @staticmethod
-    def encode(text):
-        return [ord(c) for c in text]
+    def encode(self, text, bos=False, eos=False):
+        return [self.bos_id] * bos + [ord(c) for c in text] + [self.eos_id] * eos
 
 
 def test_audit_crafted(capsys):

@@ -16,7 +16,7 @@ from _fixtures_infer import (REPO, course_reference_ppl, hf_pair, make_peft_adap
 from _tiny import hf_model
 from minqlora.generate import generate
 from minqlora.loader import load_model
-from minqlora.prompts import Prompt
+from minqlora.data import Prompt
 from minqlora.tokenizer import Tokenizer
 
 

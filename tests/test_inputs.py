@@ -5,8 +5,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from minqlora.cli import parse_dataclasses
-from minqlora.prompts import COURSE, Prompt
-from minqlora.records import DataError, read_records
+from minqlora.course import PROMPT as COURSE
+from minqlora.data import Prompt, read_records
+from minqlora.errors import BadInput
 
 
 def test_prompts():
@@ -62,13 +63,13 @@ def test_read_json_and_jsonl(tmp_path):
 ])
 def test_bad_datasets_are_located(tmp_path, name, text, kw, msg):
     p = write(tmp_path, name, text)
-    with pytest.raises(DataError, match=msg) as e:
+    with pytest.raises(BadInput, match=msg) as e:
         read_records(p, **kw)
     assert str(p) in str(e.value)
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(DataError, match="no such file"):
+    with pytest.raises(BadInput, match="no such file"):
         read_records(tmp_path / "nope.json")
 
 

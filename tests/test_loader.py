@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from _tiny import hf_model
-from minqlora.config import ConfigError
-from minqlora.loader import LoadError, load_model, save_checkpoint
+from minqlora.errors import BadInput
+from minqlora.loader import load_model, save_checkpoint
 from minqlora.nf4 import Linear4bit
 
 
@@ -90,7 +90,7 @@ def test_missing_key(tmp_path, sharded):
     sd = load_file(f)
     del sd["model.layers.1.mlp.up_proj.weight"]
     save_file(sd, f, metadata={"format": "pt"})
-    with pytest.raises(LoadError, match=r"no tensor for model\.layers\.1\.mlp\.up_proj\.weight"):
+    with pytest.raises(BadInput, match=r"no tensor for model\.layers\.1\.mlp\.up_proj\.weight"):
         load_model(d, bits=16, progress=False)
 
 
@@ -100,7 +100,7 @@ def test_surplus_key(tmp_path, sharded):
     sd = load_file(f)
     sd["model.layers.9.mlp.up_proj.weight"] = torch.zeros(128, 64)
     save_file(sd, f, metadata={"format": "pt"})
-    with pytest.raises(LoadError, match=rf"{f.name}: tensor 'model\.layers\.9\.mlp\.up_proj\.weight' is not a parameter"):
+    with pytest.raises(BadInput, match=rf"{f.name}: tensor 'model\.layers\.9\.mlp\.up_proj\.weight' is not a parameter"):
         load_model(d, bits=16, progress=False)
 
 
@@ -109,7 +109,7 @@ def test_wrong_shape(tmp_path, sharded):
     cfg = json.loads((d / "config.json").read_text())
     cfg["intermediate_size"] = 96
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(LoadError, match=r"mlp\.\w+_proj\.weight' has shape \(\d+, \d+\), config\.json implies"):
+    with pytest.raises(BadInput, match=r"mlp\.\w+_proj\.weight' has shape \(\d+, \d+\), config\.json implies"):
         load_model(d, bits=4, progress=False)
 
 
@@ -118,7 +118,7 @@ def test_truncated_shard(tmp_path, sharded):
     f = sorted(d.glob("model-*.safetensors"))[-1]
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
-    with pytest.raises(LoadError, match=rf"{f.name}: cannot read"):
+    with pytest.raises(BadInput, match=rf"{f.name}: cannot read"):
         load_model(d, bits=16, progress=False)
 
 
@@ -126,10 +126,10 @@ def test_folder_without_config_or_weights(tmp_path, sharded):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_model(tmp_path, progress=False)
     shutil.copy(sharded[1] / "config.json", tmp_path / "config.json")
-    with pytest.raises(LoadError, match="no weights"):
+    with pytest.raises(BadInput, match="no weights"):
         load_model(tmp_path, progress=False)
     (tmp_path / "config.json").write_text("{\"hidden_size\": 64,")
-    with pytest.raises(ConfigError, match="not valid JSON"):
+    with pytest.raises(BadInput, match="not valid JSON"):
         load_model(tmp_path, progress=False)
 
 
@@ -137,7 +137,7 @@ def test_index_naming_a_missing_shard(tmp_path, sharded):
     d = copy_ckpt(sharded[1], tmp_path / "c")
     victim = sorted(d.glob("model-*.safetensors"))[0]
     victim.unlink()
-    with pytest.raises(LoadError, match=rf"names {victim.name}, which is not in"):
+    with pytest.raises(BadInput, match=rf"names {victim.name}, which is not in"):
         load_model(d, progress=False)
 
 

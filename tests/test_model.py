@@ -6,7 +6,8 @@ from transformers.models.llama import modeling_llama as hf
 
 from _tiny import TINY, hf_model, mq_from_hf, pair
 from minqlora import model as mq
-from minqlora.config import ConfigError, LlamaConfig, rope_inv_freq
+from minqlora.config import LlamaConfig, rope_inv_freq
+from minqlora.errors import BadInput
 from minqlora.loss import causal_lm_loss
 
 ATOL = 1e-5
@@ -164,7 +165,7 @@ def test_gradient_checkpointing_same_gradients():
 def test_config_refuses_what_it_cannot_run(tmp_path, key, value, msg):
     import json
     (tmp_path / "config.json").write_text(json.dumps({**TINY, key: value}))
-    with pytest.raises(ConfigError, match=msg) as e:
+    with pytest.raises(BadInput, match=msg) as e:
         LlamaConfig.from_json(tmp_path)
     assert str(tmp_path / "config.json") in str(e.value)
 

@@ -1,5 +1,5 @@
 """minqlora.perplexity against the course's ppl.py algorithm run on transformers' Llama (+ peft), and
-the few-shot protocol of minqlora.fewshot (draws, balance, exclusion of the scored example)."""
+the few-shot protocol of minqlora.course (draws, balance, exclusion of the scored example)."""
 import json
 import math
 
@@ -8,11 +8,12 @@ import torch
 
 from _fixtures_infer import SHARED, course_reference_ppl, hf_pair, make_peft_adapter, model_dir, records
 from minqlora.adapter import load_adapter
-from minqlora.fewshot import (TO_CLASSICAL, TO_MODERN, FewShotError, FewShotPrompt, direction,
+from minqlora.errors import BadInput
+from minqlora.course import (TO_CLASSICAL, TO_MODERN, FewShotPrompt, direction,
                               plan_draws)
 from minqlora.loader import load_model
-from minqlora.perplexity import encode_example, mean_perplexity, perplexities
-from minqlora.prompts import Prompt
+from minqlora.data import Prompt, encode_example
+from minqlora.perplexity import mean_perplexity, perplexities
 from minqlora.tokenizer import Tokenizer
 
 PROMPT = Prompt("course")
@@ -39,10 +40,11 @@ def assert_close(a, b, rel=1e-4):
 
 def test_fixture_has_mixed_lengths_and_a_truncated_record(folder):
     tok = Tokenizer.from_dir(folder)
-    lengths = [len(encode_example(tok, PROMPT(r), r["output"], 10**6)[0]) for r in records()]
+    lengths = [len(encode_example(tok, PROMPT(r), r["output"], max_length=10**6).input_ids) for r in records()]
     assert len(set(lengths)) >= 5
     assert max(lengths) > MAX_LEN and sorted(lengths)[-2] <= MAX_LEN
-    ids, labels = encode_example(tok, PROMPT(records()[0]), records()[0]["output"], 2048)
+    e = encode_example(tok, PROMPT(records()[0]), records()[0]["output"], max_length=2048)
+    ids, labels = e.input_ids, e.labels
     assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and labels[-1] == tok.eos_id
     n_prompt = 1 + len(tok.encode(PROMPT(records()[0])))
     assert labels[:n_prompt] == [-100] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
@@ -90,7 +92,7 @@ def test_other_template_and_nan_for_fully_truncated_output(folder):
     model, tok = ours(folder)
     assert_close(perplexities(model, tok, records(), alpaca, batch_size=5, progress=False),
                  course_reference_ppl(hf, hf_tok, records(), alpaca))
-    n_prompt = len(encode_example(tok, PROMPT(records()[0]), "", 10**6)[0]) - 1
+    n_prompt = len(encode_example(tok, PROMPT(records()[0]), "", max_length=10**6).input_ids) - 1
     with pytest.warns(UserWarning, match="no output token left"):
         got = perplexities(model, tok, records()[:2], PROMPT, max_length=n_prompt, progress=False)
     assert math.isnan(got[0])  # the course gets 0/0 = NaN too
@@ -157,7 +159,7 @@ def test_separate_pool_excludes_test_records_and_scores_all():
         assert scored == list(range(len(test)))
         test_ids = {r["id"] for r in test}
         assert not {s["id"] for s in shots} & (test_ids | {"zz"})
-    with pytest.raises(FewShotError, match="too few"):
+    with pytest.raises(BadInput, match="too few"):
         plan_draws(test, pool_records(3, 3), k=1, repeats=1, seed=0)  # every pool record is a test one
 
 
@@ -169,9 +171,9 @@ def test_balanced_draws(k):
 
 
 def test_balanced_refuses_unclassifiable_or_too_few():
-    with pytest.raises(FewShotError, match=r"translation direction of p.json: record 8 \(id 'u0'\)"):
+    with pytest.raises(BadInput, match=r"translation direction of p.json: record 8 \(id 'u0'\)"):
         plan_draws(pool_records(4, 4, 1), None, k=4, repeats=1, seed=0, balanced=True, pool_name="p.json")
-    with pytest.raises(FewShotError, match="classical->modern"):
+    with pytest.raises(BadInput, match="classical->modern"):
         plan_draws(pool_records(8, 1), None, k=4, repeats=1, seed=0, balanced=True)
     plan_draws(pool_records(4, 4, 1), None, k=4, repeats=1, seed=0)  # unbalanced: fine
 

@@ -8,11 +8,11 @@ from safetensors.torch import load_file
 
 from _fixtures_train import (EXAMPLE, TINY, fast_args, needs_tiny, read_log, seed_dataset, train_losses,
                              train_main, write_records)
-from minqlora.data import build_examples, collate
+from minqlora.data import Prompt, build_examples, collate
 from minqlora.loss import causal_lm_loss
-from minqlora.prompts import Prompt
 from minqlora.tokenizer import Tokenizer
-from minqlora.train_args import ArgsError, parse_args
+from minqlora.errors import BadInput
+from minqlora.train_args import parse_args
 
 pytestmark = needs_tiny
 
@@ -164,7 +164,7 @@ def test_flags_parse_like_hf_argument_parser(capsys):
     (["--max_train_samples", "-1"], "--max_train_samples -1: must be at least 0"),
 ])
 def test_refused_flags(argv, message):
-    with pytest.raises(ArgsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(BadInput, match=message.replace("(", r"\(").replace(")", r"\)")):
         parse_args(argv)
 
 
@@ -348,3 +348,45 @@ def test_out_of_memory_names_the_flags_that_help(tmp_path, capsys, monkeypatch):
     for flag in ("--per_device_train_batch_size", "--source_max_len", "--target_max_len",
                  "--gradient_checkpointing", "--bits 4", "--lora_r"):
         assert flag in err, flag
+
+
+@needs_tiny
+@pytest.mark.parametrize("normalization", ["example", "token"])
+def test_packed_passes_train_as_the_plain_path(tmp_path, capsys, normalization):
+    """--pass_tokens N (the fast path: a step's micro-batches packed into fewer passes) logs the losses and
+    writes the adapter of --pass_tokens 0 (one pass per micro-batch), up to float rounding; it says so."""
+    data = write_records(tmp_path / "d.json", 40)
+    adapters = {}
+    for n in (0, 64, 4096):
+        out = tmp_path / f"out{n}"
+        assert train_main(fast_args(out, data, pass_tokens=n, loss_normalization=normalization, bits=4,
+                                    per_device_train_batch_size=3, gradient_accumulation_steps=3,
+                                    save_strategy="no")) == 0
+        adapters[n] = (train_losses(out / "log.jsonl"), load_file(out / "adapter_model.safetensors"))
+    said = capsys.readouterr().out
+    assert "one pass per micro-batch (--pass_tokens 0)" in said and "passes of at most 64 tokens" in said
+    ref_losses, ref_adapter = adapters[0]
+    for n in (64, 4096):
+        losses, adapter = adapters[n]
+        assert losses.keys() == ref_losses.keys()
+        for step in losses:
+            assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5)
+        for k in ref_adapter:
+            torch.testing.assert_close(adapter[k], ref_adapter[k], rtol=1e-4, atol=1e-5)  # after 4 Adam steps
+
+
+def test_cuda_graphs_flag_needs_cuda_and_one_pass_per_micro_batch(tmp_path):
+    from minqlora.errors import BadInput
+    from minqlora.trainer import fast_path
+    from minqlora.train_args import parse_args
+    _, a = parse_args(["--cuda_graphs", "True", "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(BadInput, match="needs a CUDA device"):
+        fast_path(a.train, torch.device("cpu"))
+    _, a = parse_args(["--cuda_graphs", "True", "--pass_tokens", "512", "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(BadInput, match="--pass_tokens 0"):
+        fast_path(a.train, torch.device("cuda"))
+    _, a = parse_args(["--output_dir", str(tmp_path / "o")])
+    assert fast_path(a.train, torch.device("cpu"))[:2] == (0, False)  # the plain path on the CPU
+    assert fast_path(a.train, torch.device("cuda"))[:2] == (4096, False)  # packed on a GPU
+    with pytest.raises(BadInput, match="--pass_tokens -2"):
+        parse_args(["--pass_tokens", "-2"])

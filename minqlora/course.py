@@ -1,17 +1,24 @@
-"""Few-shot (in-context) prompts: K solved examples in front of the prompt being scored.
+"""The course: NTU ADL 2023 HW3, the seed's task (classical <-> modern Chinese translation with
+Taiwan-LLM), kept here so that the general QLoRA path reads without it.
 
-Protocol (what HW3 students ran by hand for the in-context-learning comparison, now one flag): each
-draw picks K examples at random and puts the same K in front of every scored prompt; R draws give R
-scores, reported with their mean and std. Where the examples come from:
+- `PROMPT`: the course's chat prompt, which its ppl.py scores with (`--prompt_template course`, the
+  default of scripts/ppl.py and predict.py; `--dataset_format course` for training).
+- The metric protocol: each test record's perplexity of its output given the prompt ([BOS] + prompt
+  + output + [EOS], cut to 2048 tokens, perplexity.py), the reported number their arithmetic mean
+  (`perplexity.mean_perplexity`); with few-shot draws, each draw's mean, then the draws' mean and
+  sample std (scripts/ppl.py).
+- Few-shot (in-context) draws, below: what HW3 students ran by hand for the in-context-learning
+  comparison, one flag here. Each draw picks K examples at random and puts the same K in front of
+  every scored prompt; R draws give R scores. Where the examples come from:
   - the test file itself (no pool given, or the pool is the test file): the K drawn records are
     removed from that draw's scored set, so no prompt ever contains its own answer;
   - another file (e.g. train.json): any pool record that is also a test record (same id, or same
     instruction and output) is never drawn, and every test record is scored.
-Draws come from one `random.Random(seed)`: the same seed gives the same draws; a draw that repeats
-an earlier one is redrawn (up to 100 times), so repeats differ whenever the pool allows it.
-
-Balanced draws split K evenly (counts differ by at most one) between the two translation directions,
-told apart by `direction(instruction)` below; an unbalanced draw was found to hurt the score.
+  Draws come from one `random.Random(seed)`: the same seed gives the same draws; a draw that repeats
+  an earlier one is redrawn (up to 100 times), so repeats differ whenever the pool allows it.
+- `--balanced` draws split K evenly (counts differ by at most one) between the two translation
+  directions, told apart by the classical/modern classifier `direction(instruction)`; an unbalanced
+  draw was found to hurt the score.
 
 How the examples are written (the course's prompt is a Vicuna-style chat, so the examples become
 earlier turns of that conversation, under one system message):
@@ -19,12 +26,18 @@ earlier turns of that conversation, under one system message):
         <system> USER: i1 ASSISTANT: o1 USER: i2 ASSISTANT: o2 USER: <instruction> ASSISTANT:
     any other template (alpaca, input-output, a file): each example's full prompt + output + "\\n\\n",
         then the scored prompt.
+No paper section (the course's own protocol). Checked against the course's ppl.py algorithm and for
+the draws' rules in tests/test_perplexity.py and tests/test_infer_scripts.py.
 """
 from __future__ import annotations
 
 import random
 import re
 
+from .errors import BadInput
+
+PROMPT = ("你是人工智慧助理，以下是用戶和人工智能助理之間的對話。你要對用戶的問題提供有用、安全、"
+          "詳細和禮貌的回答。USER: {instruction} ASSISTANT:")
 CHAT_TURN = "USER: {instruction} ASSISTANT:"
 TO_CLASSICAL, TO_MODERN = "modern->classical", "classical->modern"
 
@@ -46,10 +59,6 @@ _PATTERNS = {
     ],
 }
 _COMPILED = {d: [re.compile(p) for p in ps] for d, ps in _PATTERNS.items()}
-
-
-class FewShotError(ValueError):
-    pass
 
 
 def direction(instruction: str) -> str | None:
@@ -88,7 +97,7 @@ def plan_draws(test: list[dict], pool: list[dict] | None, *, k: int, repeats: in
     `pool` None means the test file is the pool (drawn records are not scored in that draw).
     """
     if k < 1:
-        raise FewShotError(f"--few_shot {k}: need at least one example")
+        raise BadInput(f"--few_shot {k}: need at least one example")
     from_test = pool is None
     if from_test:
         pool, candidates = test, list(range(len(test)))
@@ -98,7 +107,7 @@ def plan_draws(test: list[dict], pool: list[dict] | None, *, k: int, repeats: in
     need = k + 1 if from_test else k  # from the test file, at least one record must stay scored
     if len(candidates) < need:
         extra = " and keep one to score" if from_test else " (records also in the test file excluded)"
-        raise FewShotError(f"{pool_name}: {len(candidates)} usable records, too few to draw {k} "
+        raise BadInput(f"{pool_name}: {len(candidates)} usable records, too few to draw {k} "
                            f"examples{extra}")
 
     groups = None
@@ -108,7 +117,7 @@ def plan_draws(test: list[dict], pool: list[dict] | None, *, k: int, repeats: in
             d = direction(pool[i].get("instruction", ""))
             if d is None:
                 snippet = pool[i].get("instruction", "")[:40].replace("\n", "\\n")
-                raise FewShotError(
+                raise BadInput(
                     f"--balanced: cannot tell the translation direction of {_describe(pool_name, i, pool[i])} "
                     f"from its instruction {snippet!r} (no phrase like 翻譯成文言文/古文/古代怎麼說 or "
                     "翻譯成現代文/白話文/文言文翻譯, or both); drop --balanced or fix the record")
@@ -116,7 +125,7 @@ def plan_draws(test: list[dict], pool: list[dict] | None, *, k: int, repeats: in
         for d, members in groups.items():
             want = (k + 1) // 2
             if len(members) < want:
-                raise FewShotError(f"--balanced: {pool_name} has {len(members)} usable {d} records, "
+                raise BadInput(f"--balanced: {pool_name} has {len(members)} usable {d} records, "
                                    f"fewer than the {want} that {k} balanced examples may need")
 
     rng = random.Random(seed)
@@ -135,7 +144,7 @@ def plan_draws(test: list[dict], pool: list[dict] | None, *, k: int, repeats: in
 
 
 class FewShotPrompt:
-    """`prompt` (a prompts.Prompt) with `shots` written in front; callable like a Prompt."""
+    """`prompt` (a data.Prompt) with `shots` written in front; callable like a Prompt."""
 
     def __init__(self, prompt, shots: list[dict]):
         self.prompt, self.shots = prompt, list(shots)
