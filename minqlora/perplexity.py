@@ -51,7 +51,9 @@ def perplexities(model, tokenizer, records, prompt, *, batch_size: int = 8, max_
     `prompt` is a data.Prompt (or any callable record -> str, e.g. a course.FewShotPrompt).
     The model is scored in eval mode and put back in training mode afterwards if it was training.
     An example longer than the model's context is refused, naming `source` (the file) and the record.
-    cuda_graphs (default: on a CUDA device): forwards replayed from CUDA graphs (cudagraph.GraphedForward).
+    cuda_graphs (default: on a CUDA device with batch_size > 1): forwards replayed from CUDA graphs
+    (cudagraph.GraphedForward), lengths padded on the right like a batch's. At batch_size 1, the course's
+    one-at-a-time protocol, nothing is padded, so the number is the course script's to the last digit.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be at least 1")
@@ -69,7 +71,7 @@ def perplexities(model, tokenizer, records, prompt, *, batch_size: int = 8, max_
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids), reverse=True)
     device = model.lm_head.weight.device
     if cuda_graphs is None:
-        cuda_graphs = device.type == "cuda"
+        cuda_graphs = device.type == "cuda" and batch_size > 1
     forward = GraphedForward(model, tokenizer.pad_id) if cuda_graphs else model
     out = [math.nan] * len(rows)
     with eval_mode(model), tqdm(total=len(rows), desc="perplexity", unit="example",
