@@ -90,6 +90,7 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--t3_records", type=int, default=128)
     ap.add_argument("--skip_peer", action="store_true", help="minqlora only")
+    ap.add_argument("--skip_peer_real", action="store_true", help="the peer's baseline lines only (no T3, E2)")
     ap.add_argument("--lines", default=None, help="minqlora's lines to run (bench_qlora.py --lines)")
     ap.add_argument("--profile", default=None, help="write torch profiles of minqlora's steps to this folder")
     args = ap.parse_args()
@@ -103,8 +104,9 @@ def main():
     if not args.skip_peer:
         peer += run([py, shared / "bench/hf_qlora_baseline.py", "--ckpt", args.ckpt, "--steps", args.steps],
                     out / "peer_baseline.log")
-        peer += run([py, HERE / "peer_real.py", "--peer_dir", shared / "bench", "--shared", shared,
-                     "--ckpt", args.ckpt, "--t3_records", args.t3_records], out / "peer_real.log")
+        if not args.skip_peer_real:
+            peer += run([py, HERE / "peer_real.py", "--peer_dir", shared / "bench", "--shared", shared,
+                         "--ckpt", args.ckpt, "--t3_records", args.t3_records], out / "peer_real.log")
     mine = run([py, HERE / "bench_qlora.py", "--ckpt", args.ckpt, "--shared", shared, "--steps", args.steps,
                 "--t3_records", args.t3_records] + (["--lines", args.lines] if args.lines else [])
                + (["--profile", args.profile] if args.profile else []), out / "minqlora.log")
