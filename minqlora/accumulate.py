@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import BadInput
 from .loss import IGNORE_INDEX, token_nll
 
 
@@ -158,3 +159,18 @@ def packed(model, window, device, normalization="example", scaler=None, *, pad_i
         (scaler.scale(loss) if scaler else loss).backward()
         step_loss += loss.detach()
     return step_loss
+
+
+def choose(pass_tokens: int, cuda_graphs: bool, device) -> tuple[int, bool, str]:
+    """--pass_tokens / --cuda_graphs -> (tokens a packed pass, CUDA graphs or not, the choice in words)."""
+    if cuda_graphs:
+        if device.type != "cuda":
+            raise BadInput(f"--cuda_graphs True needs a CUDA device (the run is on {device})")
+        if pass_tokens > 0:
+            raise BadInput("--cuda_graphs True replays one pass per micro-batch: it needs --pass_tokens 0 (or -1)")
+        return 0, True, "one pass per micro-batch, replayed from CUDA graphs (--cuda_graphs)"
+    tokens = pass_tokens if pass_tokens >= 0 else (4096 if device.type == "cuda" else 0)
+    if tokens == 0:
+        return 0, False, "one pass per micro-batch (--pass_tokens 0)"
+    return tokens, False, (f"each step's micro-batches packed into passes of at most {tokens} tokens, the same "
+                           "gradient (--pass_tokens; 0: one pass per micro-batch)")

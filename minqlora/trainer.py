@@ -33,7 +33,7 @@ from .atomic import atomic_file
 from .config import LlamaConfig
 from .curves import RunLog, redraw_curves
 from .data import DataOrder, Prompt, collate, make_data_module
-from .errors import BadInput, Interrupted, TrainingError
+from .errors import Interrupted, TrainingError
 from .loader import load_model, resolve_device_dtype, weight_files
 from .lora import apply_lora
 from .loss import IGNORE_INDEX, causal_lm_loss
@@ -101,21 +101,6 @@ class Run:
         return round(self.state.elapsed + time.perf_counter() - self.started, 2)
 
 
-def fast_path(t, device) -> tuple[int, bool, str]:
-    """--pass_tokens / --cuda_graphs -> (tokens a packed pass, CUDA graphs or not, what was chosen, in words)."""
-    if t.cuda_graphs:
-        if device.type != "cuda":
-            raise BadInput(f"--cuda_graphs True needs a CUDA device (the run is on {device})")
-        if t.pass_tokens > 0:
-            raise BadInput("--cuda_graphs True replays one pass per micro-batch: it needs --pass_tokens 0 (or -1)")
-        return 0, True, "one pass per micro-batch, replayed from CUDA graphs (--cuda_graphs)"
-    tokens = t.pass_tokens if t.pass_tokens >= 0 else (4096 if device.type == "cuda" else 0)
-    if tokens == 0:
-        return 0, False, "one pass per micro-batch (--pass_tokens 0)"
-    return tokens, False, (f"each step's micro-batches packed into passes of at most {tokens} tokens, the same "
-                          "gradient (--pass_tokens; 0: one pass per micro-batch)")
-
-
 def setup(a: RunArgs, progress: bool) -> Run:
     """Model, data, optimizer and resume: every input is checked before the model loads, and a previous
     run's files go (--overwrite_output_dir) only once it has loaded."""
@@ -128,7 +113,7 @@ def setup(a: RunArgs, progress: bool) -> Run:
     weight_files(Path(m.model_name_or_path))  # model folder before the data work
     ckpt.check_output_dir(out, overwrite=t.overwrite_output_dir, resuming=resume is not None, resume_from=resume)
     ckpt.seed_everything(t.seed)
-    pass_tokens, use_graphs, fast = fast_path(t, device)
+    pass_tokens, use_graphs, fast = accumulate.choose(t.pass_tokens, t.cuda_graphs, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as qlora.py
         if dtype == torch.float32 and torch.cuda.is_bf16_supported():

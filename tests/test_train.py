@@ -377,16 +377,16 @@ def test_packed_passes_train_as_the_plain_path(tmp_path, capsys, normalization):
 
 def test_cuda_graphs_flag_needs_cuda_and_one_pass_per_micro_batch(tmp_path):
     from minqlora.errors import BadInput
-    from minqlora.trainer import fast_path
+    from minqlora.accumulate import choose
     from minqlora.train_args import parse_args
     _, a = parse_args(["--cuda_graphs", "True", "--output_dir", str(tmp_path / "o")])
     with pytest.raises(BadInput, match="needs a CUDA device"):
-        fast_path(a.train, torch.device("cpu"))
+        choose(a.train.pass_tokens, a.train.cuda_graphs, torch.device("cpu"))
     _, a = parse_args(["--cuda_graphs", "True", "--pass_tokens", "512", "--output_dir", str(tmp_path / "o")])
     with pytest.raises(BadInput, match="--pass_tokens 0"):
-        fast_path(a.train, torch.device("cuda"))
+        choose(a.train.pass_tokens, a.train.cuda_graphs, torch.device("cuda"))
     _, a = parse_args(["--output_dir", str(tmp_path / "o")])
-    assert fast_path(a.train, torch.device("cpu"))[:2] == (0, False)  # the plain path on the CPU
-    assert fast_path(a.train, torch.device("cuda"))[:2] == (4096, False)  # packed on a GPU
+    assert choose(a.train.pass_tokens, a.train.cuda_graphs, torch.device("cpu"))[:2] == (0, False)  # the plain path on the CPU
+    assert choose(a.train.pass_tokens, a.train.cuda_graphs, torch.device("cuda"))[:2] == (4096, False)  # packed on a GPU
     with pytest.raises(BadInput, match="--pass_tokens -2"):
         parse_args(["--pass_tokens", "-2"])
