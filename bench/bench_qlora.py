@@ -307,7 +307,8 @@ def main():
         train_speed(model, "T1", g, pass_tokens=PASS_TOKENS, **kw)
     if "T1-strict" in lines:
         train_speed(model, "T1-strict", g, graphs=accumulate.GraphedLoss(pad_id=0), **kw)
-        torch.cuda.empty_cache()  # the graphs' memory pools went with them
+        gc.collect()  # the graphs and their memory pools, before the next line's peak is measured
+        torch.cuda.empty_cache()
     if "T1-plain" in lines:
         train_speed(model, "T1-plain", g, **kw)
     if "T2" in lines:
