@@ -154,7 +154,7 @@ def read_tensors(reader, path, cfg: dict, dtype: torch.dtype) -> dict:
                             f"cannot read (readable: {', '.join(sorted(q.name for q in ok))})")
         shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dimensions innermost first
         values = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
-        w = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+        w = torch.from_numpy(np.array(values, dtype=np.float32))  # a writable copy of the mapped data
         if name.endswith("q_proj.weight"):
             w = unpermute(w, cfg["num_attention_heads"])
         elif name.endswith("k_proj.weight"):
