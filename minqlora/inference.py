@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .adapter import AdapterError, load_adapter
+from .chat import ChatTemplateError, prompt_for
 from .atomic import atomic_file
 from .cli import DTYPES, FlagError, resolve_device
 from .config import ConfigError
@@ -24,7 +25,7 @@ from .fewshot import FewShotError, FewShotPrompt, direction_counts, plan_draws
 from .generate import PromptTooLongError, generate
 from .loader import LoadError, load_model
 from .perplexity import mean_perplexity, perplexities, summarize, write_per_example
-from .prompts import NAMES as PROMPT_NAMES, Prompt
+from .prompts import NAMES as PROMPT_NAMES
 from .records import DataError, read_records
 from .tokenizer import Tokenizer
 
@@ -84,9 +85,9 @@ def check_output_path(path, flag: str):
         raise InferenceError(f"{flag} {path}: {parent} is a file, not a folder")
 
 
-def make_prompt(template: str) -> Prompt:
+def make_prompt(template: str, model_dir=None):
     try:
-        return Prompt(template)
+        return prompt_for(template, model_dir)  # chat.py: "chat" renders the folder's chat template
     except ValueError as e:
         raise InferenceError(f"--prompt_template: {e}") from None
 
@@ -106,7 +107,7 @@ class PplArgs:
     test_data_path: str = field(default="data/example/test.json", metadata={
         "help": "records with instruction and output (.json list or .jsonl)"})
     prompt_template: str = field(default="course", metadata={
-        "help": f"{', '.join(PROMPT_NAMES)}, or a file holding {{instruction}}"})
+        "help": f"{', '.join(PROMPT_NAMES)}, chat (the model folder's chat template), or a file holding {{instruction}}"})
     max_length: int = field(default=2048, metadata={"help": "cut each example to this many tokens"})
     batch_size: int = field(default=8, metadata={"help": "examples per forward pass"})
     few_shot: int = field(default=0, metadata={"help": "solved examples put in front of each prompt"})
@@ -133,7 +134,7 @@ def run_ppl(margs: ModelArgs, args: PplArgs) -> list[float]:
                     few_shot=(args.few_shot, 0), repeats=(args.repeats, 1))
     if args.few_shot == 0 and (args.repeats > 1 or args.balanced or args.few_shot_pool):
         raise InferenceError("--repeats, --balanced and --few_shot_pool need --few_shot K (K > 0)")
-    prompt = make_prompt(args.prompt_template)
+    prompt = make_prompt(args.prompt_template, margs.base_model_path)
     required = (*prompt.fields, "output")
     test = read_records(args.test_data_path, required=required, unique_ids=True)
     draws = [([], list(range(len(test))))]
@@ -178,7 +179,7 @@ class PredictArgs:
     output_path: str = field(default="output/predictions.json", metadata={
         "help": "where to write [{id, output}] (replaced only when the run completes)"})
     prompt_template: str = field(default="course", metadata={
-        "help": f"{', '.join(PROMPT_NAMES)}, or a file holding {{instruction}}"})
+        "help": f"{', '.join(PROMPT_NAMES)}, chat (the model folder's chat template), or a file holding {{instruction}}"})
     max_new_tokens: int = field(default=128, metadata={"help": "new tokens at most per example"})
     do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
@@ -198,7 +199,7 @@ def run_predict(margs: ModelArgs, args: PredictArgs) -> list[dict]:
         raise InferenceError(f"--top_p {args.top_p}: must be in (0, 1]")
     if args.temperature <= 0 or args.repetition_penalty <= 0:
         raise InferenceError("--temperature and --repetition_penalty must be > 0")
-    prompt = make_prompt(args.prompt_template)
+    prompt = make_prompt(args.prompt_template, margs.base_model_path)
     path = args.test_data_path
     records = read_records(path, required=prompt.fields, unique_ids=True)
     for i, rec in enumerate(records):

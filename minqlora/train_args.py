@@ -56,7 +56,9 @@ class DataArguments:
     eval_dataset: str | None = _f(None, "Evaluation data file (e.g. public_test.json); if given, nothing "
                                   "is held out of --dataset")
     eval_prompt_template: str | None = _f(None, "Prompt for the eval perplexity metric: course, alpaca, "
-                                          "input-output or a template file. None: --dataset_format's")
+                                          "input-output, chat or a template file. None: --prompt_template's")
+    prompt_template: str | None = _f(None, "Prompt for training and eval: course, alpaca, input-output, chat (the "
+                                     "model folder's chat template) or a template file. None: --dataset_format's")
 
 
 @dataclass
@@ -237,6 +239,9 @@ def validate(a: RunArgs) -> RunArgs:
         raise ArgsError(f"--save_total_limit {t.save_total_limit}: must be at least 1 (or None: keep all)")
     if t.early_stopping_patience is not None and (t.early_stopping_patience < 1 or t.eval_strategy == "no"):
         raise ArgsError("--early_stopping_patience needs N >= 1 and evaluation (--evaluation_strategy steps)")
+    if "chat" in (d.prompt_template, d.eval_prompt_template) and d.dataset_format == "input-output":
+        raise ArgsError("--prompt_template chat puts each record's instruction in the user turn: pass "
+                        "--dataset_format course or alpaca (input-output records have no instruction)")
     if not t.do_train:
         raise ArgsError("--do_train False: nothing to do here; evaluate an adapter with scripts/ppl.py")
     return a

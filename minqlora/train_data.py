@@ -12,7 +12,7 @@ import math
 
 from .audit import audit, context_warning
 from .data import build_examples, load_dataset, split_train_eval
-from .prompts import Prompt
+from .chat import prompt_for
 from .records import DataError
 from .train_args import RunArgs
 
@@ -41,7 +41,7 @@ def prepare_data(a: RunArgs, tok, progress, context: int | None = None):
         raise DataError(f"{d.dataset}: no training records left (--max_train_samples {d.max_train_samples})")
     if eval_records is not None and not eval_records:
         raise DataError("no evaluation records left (--max_eval_samples)")
-    prompt = Prompt(d.dataset_format)
+    prompt = prompt_for(d.prompt_template or d.dataset_format, a.model.model_name_or_path)
     lim = dict(source_max_len=d.source_max_len, target_max_len=d.target_max_len)
     audits = [audit(records, tok, prompt, **lim, name="train")]
     if eval_records:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .atomic import atomic_file
+from .chat import prompt_for
 from .config import LlamaConfig
 from .curves import RunLog, write_curves
 from .data import LengthGroupedSampler, RandomSampler, collate
@@ -38,7 +39,6 @@ from .loss import IGNORE_INDEX, causal_lm_loss
 from .optim import (build_optimizer, build_scheduler, describe_schedule, fast_forward, quiet_cpu_paging,
                     schedule_change, warmup_steps_for)
 from .perplexity import mean_perplexity, perplexities
-from .prompts import Prompt
 from .tokenizer import Tokenizer
 from .train_data import DataOrder, prepare_data
 from .cli import resolve_device
@@ -118,7 +118,7 @@ def train(a: RunArgs, *, progress: bool = True) -> dict:
     # 2. Data: tokenised once, audited, split.
     tok = Tokenizer.from_dir(m.model_name_or_path)
     train_ex, eval_ex, eval_records, audits = prepare_data(a, tok, progress, context=context)
-    metric_prompt = Prompt(d.eval_prompt_template or d.dataset_format)
+    metric_prompt = prompt_for(d.eval_prompt_template or d.prompt_template or d.dataset_format, m.model_name_or_path)
     sampler_cls = LengthGroupedSampler if t.group_by_length else RandomSampler
     group = t.per_device_train_batch_size * t.gradient_accumulation_steps
     sampler = sampler_cls([e.length for e in train_ex], group, t.data_seed if t.data_seed is not None else t.seed)
