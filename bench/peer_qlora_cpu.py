@@ -10,8 +10,8 @@ Takes train.py's own flags, so both runs read one command line. What is shared, 
 - the peer's own: AutoModelForCausalLM with BitsAndBytesConfig (NF4, double quantization, float32 compute,
   as qlora.py without --bf16), prepare_model_for_kbit_training, peft's LoraConfig on every Linear4bit
   (qlora.py's find_all_linear_names), bitsandbytes' PagedAdamW32bit, the Trainer's step (loss / accumulation,
-  clip_grad_norm_, optimizer step), and the course's ppl.py metric: batch 1, [BOS] + prompt + output with
-  the transformers tokenizer, exp of the mean loss over the output tokens, mean over records.
+  clip_grad_norm_, optimizer step), and the course's ppl.py metric: batch 1, [BOS] + prompt + output + [EOS]
+  with the transformers tokenizer, exp of the mean loss over output and EOS, mean over records.
 Random streams differ (peft's LoRA init, dropout masks): the curves agree within noise, not bit for bit.
 Writes one JSON line per evaluation: {"step", "eval_ppl", "seconds"}.
 """
@@ -52,13 +52,13 @@ def load_peer(path, a):
 
 
 def course_ppl(model, hf_tok, records, prompt):
-    """The course's ppl.py: per record, [BOS] + prompt + output, loss over the output tokens, batch 1."""
+    """The course's ppl.py: per record, [BOS] + prompt + output + [EOS], loss over output + EOS, batch 1."""
     values = []
     model.eval()
     with torch.no_grad():
         for r in records:
             src = hf_tok(prompt(r), add_special_tokens=False).input_ids
-            out = hf_tok(r["output"], add_special_tokens=False).input_ids
+            out = hf_tok(r["output"], add_special_tokens=False).input_ids + [hf_tok.eos_token_id]
             ids = torch.tensor([[hf_tok.bos_token_id] + src + out])
             mask = torch.tensor([0] * (len(src) + 1) + [1] * len(out))
             logits = model(input_ids=ids).logits[0, :-1].float()
