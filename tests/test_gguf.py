@@ -39,7 +39,7 @@ def llamacpp_permute(w, n_head):
 
 def byte_alphabet():
     """GPT-2's bytes_to_unicode: the 256 characters a byte-level vocabulary spells bytes with."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
