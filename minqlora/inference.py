@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from .adapter import AdapterError, load_adapter
-from .chat import ChatTemplateError, prompt_for
 from .atomic import atomic_file
+from .chat import prompt_for
 from .cli import DTYPES, FlagError, resolve_device
 from .config import ConfigError
 from .fewshot import FewShotError, FewShotPrompt, direction_counts, plan_draws
@@ -107,7 +107,8 @@ class PplArgs:
     test_data_path: str = field(default="data/example/test.json", metadata={
         "help": "records with instruction and output (.json list or .jsonl)"})
     prompt_template: str = field(default="course", metadata={
-        "help": f"{', '.join(PROMPT_NAMES)}, chat (the model folder's chat template), or a file holding {{instruction}}"})
+        "help": f"{', '.join(PROMPT_NAMES)}, chat (the model folder's chat template), "
+                "or a file holding {instruction}"})
     max_length: int = field(default=2048, metadata={"help": "cut each example to this many tokens"})
     batch_size: int = field(default=8, metadata={"help": "examples per forward pass"})
     few_shot: int = field(default=0, metadata={"help": "solved examples put in front of each prompt"})
@@ -179,7 +180,8 @@ class PredictArgs:
     output_path: str = field(default="output/predictions.json", metadata={
         "help": "where to write [{id, output}] (replaced only when the run completes)"})
     prompt_template: str = field(default="course", metadata={
-        "help": f"{', '.join(PROMPT_NAMES)}, chat (the model folder's chat template), or a file holding {{instruction}}"})
+        "help": f"{', '.join(PROMPT_NAMES)}, chat (the model folder's chat template), "
+                "or a file holding {instruction}"})
     max_new_tokens: int = field(default=128, metadata={"help": "new tokens at most per example"})
     do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})

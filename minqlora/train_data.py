@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 
 from .audit import audit, context_warning
-from .data import build_examples, load_dataset, split_train_eval
 from .chat import prompt_for
+from .data import build_examples, load_dataset, split_train_eval
 from .records import DataError
 from .train_args import RunArgs
 
