@@ -44,8 +44,8 @@ RUN_FILES = ("log.jsonl", "run_config.json", "completed", "curves.png", "curves.
 
 
 # Flags whose change on resume makes the continuation differ from an uninterrupted run: warned about.
-ORDER_FLAGS = ("dataset", "dataset_format", "source_max_len", "target_max_len", "per_device_train_batch_size",
-               "gradient_accumulation_steps", "seed", "data_seed", "group_by_length", "learning_rate",
+ORDER_FLAGS = ("dataset", "dataset_format", "prompt_template", "source_max_len", "target_max_len",
+               "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "data_seed", "group_by_length", "learning_rate",
                "lr_scheduler_type", "loss_normalization", "lora_dropout", "bits", "bf16", "fp16", "optim",
                "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay", "max_grad_norm")
 

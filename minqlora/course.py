@@ -151,12 +151,15 @@ class FewShotPrompt:
         self.fields = prompt.fields
         template = getattr(prompt, "template", None)
         self.chat = isinstance(template, str) and CHAT_TURN in template
+        self.with_shots = prompt.with_shots(self.shots) if hasattr(prompt, "with_shots") else None  # chat.py
         if self.chat:
             self.turns = "".join(f"{s['instruction']} ASSISTANT: {s['output']} USER: " for s in self.shots)
         else:
             self.prefix = "".join(prompt(s) + s["output"] + "\n\n" for s in self.shots)
 
     def __call__(self, record: dict) -> str:
+        if self.with_shots is not None:
+            return self.with_shots(record)
         if self.chat:
             return self.prompt({**record, "instruction": self.turns + record["instruction"]})
         return self.prefix + self.prompt(record)

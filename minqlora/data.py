@@ -224,9 +224,10 @@ def split_train_eval(records, *, eval_dataset_size: int, max_eval_samples: int |
 
 def make_data_module(tok, *, dataset, dataset_format, eval_dataset=None, do_eval=False, eval_dataset_size=1024,
                      max_train_samples=None, max_eval_samples=None, source_max_len, target_max_len,
-                     train_on_source=False, seed=42, context=None, progress=True):
+                     train_on_source=False, seed=42, context=None, progress=True, prompt=None):
     """Records -> (train examples, eval examples or None, eval records or None, audits); qlora.py's
-    make_data_module, and the data audit. `context`: the model's max_position_embeddings."""
+    make_data_module, and the data audit. `context`: the model's max_position_embeddings. `prompt`: how a
+    record becomes prompt text (default: Prompt(dataset_format); e.g. a chat.ChatPrompt)."""
     check_limits(source_max_len, target_max_len)
     try:
         records, eval_records = load_dataset(dataset, dataset_format), None
@@ -244,7 +245,8 @@ def make_data_module(tok, *, dataset, dataset_format, eval_dataset=None, do_eval
         raise BadInput(f"{dataset}: no training records left (--max_train_samples {max_train_samples})")
     if eval_records is not None and not eval_records:
         raise BadInput("no evaluation records left (--max_eval_samples)")
-    prompt, lim = Prompt(dataset_format), dict(source_max_len=source_max_len, target_max_len=target_max_len)
+    prompt = prompt or Prompt(dataset_format)
+    lim = dict(source_max_len=source_max_len, target_max_len=target_max_len)
     audits = [audit(records, tok, prompt, **lim, name="train")]
     if eval_records:
         audits.append(audit(eval_records, tok, prompt, **lim, name="eval"))

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 
 from . import qlora_compat as compat
 from .cli import parse_dataclasses
-from .data import check_limits
+from .chat import prompt_for
+from .data import check_limits, make_data_module
 from .errors import BadInput
 from .loader import DTYPES
 
@@ -52,7 +53,9 @@ class DataArguments:
     eval_dataset: str | None = _f(None, "Evaluation data file (e.g. public_test.json); if given, nothing "
                                   "is held out of --dataset")
     eval_prompt_template: str | None = _f(None, "Prompt for the eval perplexity metric: course, alpaca, "
-                                          "input-output or a template file. None: --dataset_format's")
+                                          "input-output, chat or a template file. None: --prompt_template's")
+    prompt_template: str | None = _f(None, "Prompt for training and eval: course, alpaca, input-output, chat (the "
+                                     "model folder's chat template) or a template file. None: --dataset_format's")
 
 
 @dataclass
@@ -170,6 +173,9 @@ def validate(a: RunArgs) -> RunArgs:
         raise BadInput(f"--save_total_limit {t.save_total_limit}: must be at least 1 (or None: keep all)")
     if t.early_stopping_patience is not None and (t.early_stopping_patience < 1 or t.eval_strategy == "no"):
         raise BadInput("--early_stopping_patience needs N >= 1 and evaluation (--evaluation_strategy steps)")
+    if "chat" in (d.prompt_template, d.eval_prompt_template) and d.dataset_format == "input-output":
+        raise BadInput("--prompt_template chat puts each record's instruction in the user turn: pass "
+                       "--dataset_format course or alpaca (input-output records have no instruction)")
     if not t.do_train:
         raise BadInput("--do_train False: nothing to do here; evaluate an adapter with scripts/ppl.py")
     return a
@@ -192,6 +198,19 @@ def lora_targets(spec: str):
     if not names:
         raise BadInput(f"--lora_modules {spec!r}: expected 'all' or names such as q_proj,v_proj")
     return names
+
+
+def training_data(a: RunArgs, tok, context=None, progress=True):
+    """train.py's data from its flags: data.make_data_module with the prompt of --prompt_template (else
+    --dataset_format) and the split seed (--data_seed, else --seed)."""
+    d, t = a.data, a.train
+    return make_data_module(
+        tok, dataset=d.dataset, dataset_format=d.dataset_format, eval_dataset=d.eval_dataset, do_eval=t.do_eval,
+        eval_dataset_size=d.eval_dataset_size, max_train_samples=d.max_train_samples,
+        max_eval_samples=d.max_eval_samples, source_max_len=d.source_max_len, target_max_len=d.target_max_len,
+        train_on_source=t.train_on_source, seed=t.data_seed if t.data_seed is not None else t.seed,
+        context=context, progress=progress,
+        prompt=prompt_for(d.prompt_template or d.dataset_format, a.model.model_name_or_path))
 
 
 def dtype_name(a: RunArgs) -> str:

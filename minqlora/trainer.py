@@ -30,9 +30,10 @@ from tqdm import tqdm
 from . import accumulate
 from . import checkpoint as ckpt
 from .atomic import atomic_file
+from .chat import prompt_for
 from .config import LlamaConfig
 from .curves import RunLog, redraw_curves
-from .data import DataOrder, Prompt, collate, make_data_module
+from .data import DataOrder, Prompt, collate
 from .errors import Interrupted, TrainingError
 from .loader import load_model, resolve_device_dtype, weight_files
 from .lora import apply_lora
@@ -40,7 +41,7 @@ from .loss import IGNORE_INDEX, causal_lm_loss
 from .optim import build_optimizer, build_scheduler, describe_schedule, quiet_cpu_paging, warmup_steps_for
 from .perplexity import eval_loss, mean_perplexity, perplexities
 from .tokenizer import Tokenizer
-from .train_args import RunArgs, dtype_name, lora_targets
+from .train_args import RunArgs, dtype_name, lora_targets, training_data
 
 MEMORY_HINT = ("out of GPU memory. Flags that lower memory: --per_device_train_batch_size 1 (raise "
                "--gradient_accumulation_steps to keep the effective batch), --source_max_len / --target_max_len "
@@ -123,15 +124,11 @@ def setup(a: RunArgs, progress: bool) -> Run:
     # Data: tokenised once, audited, split; the order of the examples (resumable).
     tok = Tokenizer.from_dir(m.model_name_or_path)
     data_seed = t.data_seed if t.data_seed is not None else t.seed
-    train_ex, eval_ex, eval_records, audits = make_data_module(
-        tok, dataset=d.dataset, dataset_format=d.dataset_format, eval_dataset=d.eval_dataset, do_eval=t.do_eval,
-        eval_dataset_size=d.eval_dataset_size, max_train_samples=d.max_train_samples,
-        max_eval_samples=d.max_eval_samples, source_max_len=d.source_max_len, target_max_len=d.target_max_len,
-        train_on_source=t.train_on_source, seed=data_seed, context=context, progress=progress)
+    train_ex, eval_ex, eval_records, audits = training_data(a, tok, context=context, progress=progress)
     order = DataOrder([e.length for e in train_ex], t.per_device_train_batch_size, t.gradient_accumulation_steps,
                       seed=data_seed, group_by_length=t.group_by_length)
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * order.steps_per_epoch)
-    metric_prompt = Prompt(d.eval_prompt_template or d.dataset_format)
+    metric_prompt = prompt_for(d.eval_prompt_template or d.prompt_template or d.dataset_format, m.model_name_or_path)
 
     # Model: 4-bit base, LoRA on the targets, everything else frozen.
     model = load_model(m.model_name_or_path, bits=t.bits, quant_type=t.quant_type, double_quant=t.double_quant,

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minqlora.atomic import atomic_file  # noqa: E402
 from minqlora.cli import ModelArgs, check_output_path, check_positive, parse_dataclasses  # noqa: E402
 from minqlora.course import FewShotPrompt, direction_counts, plan_draws  # noqa: E402
-from minqlora.data import Prompt, read_records  # noqa: E402
+from minqlora.chat import prompt_for  # noqa: E402
+from minqlora.data import read_records  # noqa: E402
 from minqlora.errors import BadInput, run_main  # noqa: E402
 from minqlora.loader import load_with_adapter, resolve_device_dtype  # noqa: E402
 from minqlora.perplexity import mean_perplexity, perplexities  # noqa: E402
@@ -32,7 +33,8 @@ class PplArgs:
     test_data_path: str = field(default="data/example/test.json", metadata={
         "help": "records with instruction and output (.json list or .jsonl)"})
     prompt_template: str = field(default="course", metadata={
-        "help": "course, alpaca, input-output, or a file holding {instruction}"})
+        "help": "course, alpaca, input-output, chat (the model folder's chat template), or a file holding "
+                "{instruction}"})
     max_length: int = field(default=2048, metadata={"help": "cut each example to this many tokens"})
     batch_size: int = field(default=8, metadata={"help": "examples per forward pass"})
     few_shot: int = field(default=0, metadata={"help": "solved examples put in front of each prompt"})
@@ -55,8 +57,8 @@ def ppl(m: ModelArgs, args: PplArgs) -> list[float]:
         raise BadInput("--repeats, --balanced and --few_shot_pool need --few_shot K (K > 0)")
     device, dtype = resolve_device_dtype(m.device, m.dtype)
     try:
-        prompt = Prompt(args.prompt_template)
-    except BadInput as e:
+        prompt = prompt_for(args.prompt_template, m.base_model_path)  # chat: the folder's template
+    except (BadInput, ValueError) as e:
         raise BadInput(f"--prompt_template: {e}") from None
     required = (*prompt.fields, "output")
     test = read_records(args.test_data_path, required=required, unique_ids=True)

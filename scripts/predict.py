@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minqlora.atomic import atomic_file  # noqa: E402
 from minqlora.cli import ModelArgs, check_output_path, check_positive, parse_dataclasses  # noqa: E402
-from minqlora.data import Prompt, read_records  # noqa: E402
+from minqlora.chat import prompt_for  # noqa: E402
+from minqlora.data import read_records  # noqa: E402
 from minqlora.errors import BadInput, run_main  # noqa: E402
 from minqlora.generate import generate  # noqa: E402
 from minqlora.loader import load_with_adapter, resolve_device_dtype  # noqa: E402
@@ -29,7 +30,8 @@ class PredictArgs:
     output_path: str = field(default="output/predictions.json", metadata={
         "help": "where to write [{id, output}] (replaced only when the run completes)"})
     prompt_template: str = field(default="course", metadata={
-        "help": "course, alpaca, input-output, or a file holding {instruction}"})
+        "help": "course, alpaca, input-output, chat (the model folder's chat template), or a file holding "
+                "{instruction}"})
     max_new_tokens: int = field(default=128, metadata={"help": "new tokens at most per example"})
     do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
@@ -50,8 +52,8 @@ def predict(m: ModelArgs, args: PredictArgs) -> list[dict]:
         raise BadInput("--temperature and --repetition_penalty must be > 0")
     device, dtype = resolve_device_dtype(m.device, m.dtype)
     try:
-        prompt = Prompt(args.prompt_template)
-    except BadInput as e:
+        prompt = prompt_for(args.prompt_template, m.base_model_path)  # chat: the folder's template
+    except (BadInput, ValueError) as e:
         raise BadInput(f"--prompt_template: {e}") from None
     path = args.test_data_path
     records = read_records(path, required=prompt.fields, unique_ids=True)

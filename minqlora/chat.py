@@ -1,0 +1,104 @@
+"""`--prompt_template chat`: the model folder's own chat template, rendered with Jinja (jinja2).
+
+The instruction becomes the user turn and the prompt ends with the template's generation prompt (the
+assistant's header), so the scored/trained output is the assistant's answer; few-shot examples become
+earlier user/assistant turns of the same conversation. Rendering follows transformers'
+`apply_chat_template` (tokenization_utils_base / utils/chat_template_utils.py): a sandboxed Jinja
+environment with trim_blocks and lstrip_blocks, `raise_exception`, the special-token strings as
+variables, `add_generation_prompt=True`.
+
+One difference of bookkeeping: minqlora's data and metric code put the BOS id in front of every prompt
+themselves (as qlora.py and the course's ppl.py do), so a rendered text that starts with the bos_token
+string (Llama-2's "<s>[INST]", SmolLM2's "<|im_start|>system") loses that one leading string here; the ids
+are then those of the rendered text (with a byte-level BPE such as SmolLM2's, exactly; with a Llama-2
+SentencePiece tokenizer the first piece after BOS gets its "▁" prefix, as in the course's ppl.py, where
+apply_chat_template's own tokenization has none). Checked in tests/test_chat.py against transformers.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .data import Prompt
+
+
+class ChatTemplateError(ValueError):
+    pass
+
+
+def _read_template(folder: Path) -> tuple[str, dict]:
+    """(template, tokenizer_config) from tokenizer_config.json, or chat_template.jinja/.json beside it."""
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
+    template = cfg.get("chat_template")
+    if (folder / "chat_template.jinja").exists():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    elif (folder / "chat_template.json").exists():
+        template = json.loads((folder / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template}
+        template = named.get("default")
+    if not isinstance(template, str) or not template:
+        raise ChatTemplateError(f"--prompt_template chat: {folder} has no chat template (tokenizer_config.json's "
+                                "chat_template, chat_template.jinja or chat_template.json)")
+    return template, cfg
+
+
+def _token(cfg, name):
+    value = cfg.get(name)
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class ChatPrompt:
+    """Callable like prompts.Prompt: record -> prompt text, via the folder's chat template."""
+
+    name = "chat"
+    fields = ("instruction",)
+    template = None  # not a format string: course.FewShotPrompt asks for `with_shots` instead
+
+    def __init__(self, folder):
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        folder = Path(folder)
+        source, cfg = _read_template(folder)
+
+        def raise_exception(message):
+            raise ChatTemplateError(f"{folder}: the chat template refused: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = raise_exception
+        try:
+            self.jinja = env.from_string(source)
+        except TemplateError as e:
+            raise ChatTemplateError(f"{folder}: the chat template is not valid Jinja: {e}") from None
+        self.folder = folder
+        self.specials = {k: _token(cfg, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        self.bos = self.specials["bos_token"] or ""
+
+    def render(self, messages: list[dict]) -> str:
+        text = self.jinja.render(messages=messages, add_generation_prompt=True, **self.specials)
+        return text[len(self.bos):] if self.bos and text.startswith(self.bos) else text
+
+    def messages(self, record: dict, shots=()) -> list[dict]:
+        turns = []
+        for s in shots:
+            turns += [{"role": "user", "content": s["instruction"]}, {"role": "assistant", "content": s["output"]}]
+        return turns + [{"role": "user", "content": record["instruction"]}]
+
+    def __call__(self, record: dict) -> str:
+        return self.render(self.messages(record))
+
+    def with_shots(self, shots):
+        """The prompt with few-shot examples as earlier turns (what course.FewShotPrompt calls)."""
+        return lambda record: self.render(self.messages(record, shots))
+
+
+def prompt_for(template: str, model_dir=None):
+    """A prompt by name: 'chat' (needs the model folder) or what data.Prompt takes."""
+    if template == "chat":
+        if model_dir is None:
+            raise ChatTemplateError("--prompt_template chat needs a model folder to read the template from")
+        return ChatPrompt(model_dir)
+    return Prompt(template)
