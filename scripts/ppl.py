@@ -19,11 +19,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minqlora.atomic import atomic_file  # noqa: E402
-from minqlora.cli import ModelArgs, check_output_path, check_positive, parse_dataclasses  # noqa: E402
+from minqlora.cli import ModelArgs, check_positive, parse_dataclasses  # noqa: E402
 from minqlora.course import FewShotPrompt, direction_counts, plan_draws  # noqa: E402
 from minqlora.data import Prompt, read_records  # noqa: E402
 from minqlora.errors import BadInput, run_main  # noqa: E402
 from minqlora.loader import load_with_adapter, resolve_device_dtype  # noqa: E402
+from minqlora.outputs import check_output_file_path  # noqa: E402
 from minqlora.perplexity import mean_perplexity, perplexities  # noqa: E402
 
 
@@ -68,7 +69,7 @@ def ppl(m: ModelArgs, args: PplArgs) -> list[float]:
         draws = plan_draws(test, pool, k=args.few_shot, repeats=args.repeats, seed=args.seed,
                            balanced=args.balanced, pool_name=args.few_shot_pool or args.test_data_path)
     if args.per_example_out:
-        check_output_path(args.per_example_out, "--per_example_out")
+        check_output_file_path(args.per_example_out, "--per_example_out")
 
     # 2. Load: the 4-bit base, the adapter on it.
     model, tokenizer = load_with_adapter(m.base_model_path, m.peft_path, bits=m.bits, quant_type=m.quant_type,

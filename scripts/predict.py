@@ -15,11 +15,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minqlora.atomic import atomic_file  # noqa: E402
-from minqlora.cli import ModelArgs, check_output_path, check_positive, parse_dataclasses  # noqa: E402
+from minqlora.cli import ModelArgs, check_positive, parse_dataclasses  # noqa: E402
 from minqlora.data import Prompt, read_records  # noqa: E402
 from minqlora.errors import BadInput, run_main  # noqa: E402
 from minqlora.generate import generate  # noqa: E402
 from minqlora.loader import load_with_adapter, resolve_device_dtype  # noqa: E402
+from minqlora.outputs import check_number, check_output_file_path  # noqa: E402
 
 
 @dataclass
@@ -44,10 +45,9 @@ class PredictArgs:
 def predict(m: ModelArgs, args: PredictArgs) -> list[dict]:
     # 1. Flags and data, every check before the model loads.
     check_positive(batch_size=(args.batch_size, 1), max_new_tokens=(args.max_new_tokens, 1), top_k=(args.top_k, 0))
-    if not 0 < args.top_p <= 1:
-        raise BadInput(f"--top_p {args.top_p}: must be in (0, 1]")
-    if args.temperature <= 0 or args.repetition_penalty <= 0:
-        raise BadInput("--temperature and --repetition_penalty must be > 0")
+    check_number("top_p", args.top_p, low=0, high=1, low_open=True, hint="1.0 turns nucleus sampling off")
+    check_number("temperature", args.temperature, low=0, low_open=True, hint="or greedy: --do_sample False")
+    check_number("repetition_penalty", args.repetition_penalty, low=0, low_open=True, hint="1.0 turns it off")
     device, dtype = resolve_device_dtype(m.device, m.dtype)
     try:
         prompt = Prompt(args.prompt_template)
@@ -58,7 +58,7 @@ def predict(m: ModelArgs, args: PredictArgs) -> list[dict]:
     for i, rec in enumerate(records):
         if rec.get("id") is None:
             raise BadInput(f"{path}: record {i} has no 'id' field; predictions are keyed by id")
-    check_output_path(args.output_path, "--output_path")
+    check_output_file_path(args.output_path, "--output_path")
 
     # 2. Load: the 4-bit base, the adapter on it.
     model, tokenizer = load_with_adapter(m.base_model_path, m.peft_path, bits=m.bits, quant_type=m.quant_type,
