@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .adapter import CONFIG_NAME, SAFETENSORS_NAME, load_adapter, save_adapter
+from .adapter import CONFIG_NAME, INFO_NAME, SAFETENSORS_NAME, load_adapter, save_adapter
 from .atomic import atomic_dir, atomic_file
 from .optim import fast_forward, schedule_change
 from .errors import BadInput
@@ -316,8 +316,9 @@ def reconcile_best(output_dir, resume, state: dict) -> tuple[str | None, bool]:
         if (src / SAFETENSORS_NAME).is_file() and (src / CONFIG_NAME).is_file() and \
                 (src.name != BEST or _best_step(src) == step):
             with atomic_dir(best) as tmp:
-                for name in (CONFIG_NAME, SAFETENSORS_NAME):
-                    shutil.copy2(src / name, tmp / name)
+                for name in (CONFIG_NAME, SAFETENSORS_NAME, INFO_NAME):
+                    if (src / name).exists():
+                        shutil.copy2(src / name, tmp / name)
                 info = {"step": step, "eval_ppl": state.get("best_ppl"), "eval_loss": state.get("best_loss"),
                         "restored_from": str(src)}
                 (tmp / "best.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

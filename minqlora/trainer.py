@@ -169,7 +169,7 @@ def setup(a: RunArgs, progress: bool) -> Run:
     say(describe_schedule(t.lr_scheduler_type, warmup, t.warmup_ratio, t.warmup_steps))
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     lora = dict(r=t.lora_r, alpha=t.lora_alpha, dropout=t.lora_dropout, targets=targets,
-                base_model_name_or_path=m.model_name_or_path)
+                base_model_name_or_path=m.model_name_or_path, prompt_template=d.dataset_format)
     schedule = {"type": t.lr_scheduler_type, "total_steps": total_steps, "warmup_steps": warmup}
     run = Run(args=a, out=out, device=device, model=model, tok=tok, params=params, lora=lora, opt=opt, sched=sched,
               scaler=scaler, schedule=schedule, order=order, train_ex=train_ex, eval_ex=eval_ex,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from minqlora.adapter import choose_prompt  # noqa: E402
 from minqlora.atomic import atomic_file  # noqa: E402
 from minqlora.cli import ModelArgs, check_positive, parse_dataclasses  # noqa: E402
 from minqlora.course import FewShotPrompt, direction_counts, plan_draws  # noqa: E402
@@ -33,7 +34,8 @@ class PplArgs:
     test_data_path: str = field(default="data/example/test.json", metadata={
         "help": "records with instruction and output (.json list or .jsonl)"})
     prompt_template: str = field(default="course", metadata={
-        "help": "course, alpaca, input-output, or a file holding {instruction}"})
+        "help": "course, alpaca, input-output, a file holding {instruction}, or adapter: the one the "
+                "--peft_path adapter was trained with"})
     max_length: int = field(default=2048, metadata={"help": "cut each example to this many tokens"})
     batch_size: int = field(default=8, metadata={"help": "examples per forward pass"})
     few_shot: int = field(default=0, metadata={"help": "solved examples put in front of each prompt"})
@@ -55,8 +57,11 @@ def ppl(m: ModelArgs, args: PplArgs) -> list[float]:
     if args.few_shot == 0 and (args.repeats > 1 or args.balanced or args.few_shot_pool):
         raise BadInput("--repeats, --balanced and --few_shot_pool need --few_shot K (K > 0)")
     device, dtype = resolve_device_dtype(m.device, m.dtype)
+    template, warning = choose_prompt(args.prompt_template, m.peft_path)
+    if warning:
+        print(warning, file=sys.stderr)
     try:
-        prompt = Prompt(args.prompt_template)
+        prompt = Prompt(template)
     except BadInput as e:
         raise BadInput(f"--prompt_template: {e}") from None
     required = (*prompt.fields, "output")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from minqlora.adapter import choose_prompt  # noqa: E402
 from minqlora.atomic import atomic_file  # noqa: E402
 from minqlora.cli import ModelArgs, check_positive, parse_dataclasses  # noqa: E402
 from minqlora.data import Prompt, read_records  # noqa: E402
@@ -30,7 +31,8 @@ class PredictArgs:
     output_path: str = field(default="output/predictions.json", metadata={
         "help": "where to write [{id, output}] (replaced only when the run completes)"})
     prompt_template: str = field(default="course", metadata={
-        "help": "course, alpaca, input-output, or a file holding {instruction}"})
+        "help": "course, alpaca, input-output, a file holding {instruction}, or adapter: the one the "
+                "--peft_path adapter was trained with"})
     max_new_tokens: int = field(default=128, metadata={"help": "new tokens at most per example"})
     do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
@@ -49,8 +51,11 @@ def predict(m: ModelArgs, args: PredictArgs) -> list[dict]:
     check_number("temperature", args.temperature, low=0, low_open=True, hint="or greedy: --do_sample False")
     check_number("repetition_penalty", args.repetition_penalty, low=0, low_open=True, hint="1.0 turns it off")
     device, dtype = resolve_device_dtype(m.device, m.dtype)
+    template, warning = choose_prompt(args.prompt_template, m.peft_path)
+    if warning:
+        print(warning, file=sys.stderr)
     try:
-        prompt = Prompt(args.prompt_template)
+        prompt = Prompt(template)
     except BadInput as e:
         raise BadInput(f"--prompt_template: {e}") from None
     path = args.test_data_path

@@ -141,6 +141,8 @@ def test_a_refused_resume_leaves_the_finished_run_as_it_was(tmp_path, capsys):
     data, out = write_records(tmp_path / "d.json", 16), tmp_path / "out"
     assert train_main(fast_args(out, data)) == 0
     assert (out / "completed").exists()
+    for folder in (out, out / "checkpoint-2"):  # the prompt template it was trained with, beside the adapter
+        assert json.loads((folder / "minqlora.json").read_text()) == {"prompt_template": "alpaca"}
     before = snapshot(out)
     small = write_records(tmp_path / "small.json", 4)
     cases = [({"lora_r": 4}, "checkpoint-2/trainer_state.json: the run was trained with --lora_r 8"),
@@ -203,3 +205,17 @@ def test_nan_mid_run_is_exit_1_with_the_checkpoint(tmp_path, capsys, monkeypatch
     assert train_main(fast_args(out, write_records(tmp_path / "d.json", 16), pass_tokens=0)) == 1
     one_error_line(capsys.readouterr().err, "the loss is nan at step 3", str(out / "checkpoint-2"))
     assert not any(".tmp" in p.name for p in out.iterdir())
+
+
+# 5. The adapter records its prompt template; ppl.py and predict.py warn on another, `adapter` uses it.
+def test_prompt_template_recorded_and_chosen(tmp_path):
+    from minqlora.adapter import choose_prompt, trained_prompt
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "minqlora.json").write_text('{"prompt_template": "alpaca"}')
+    assert trained_prompt(tmp_path / "a") == "alpaca"
+    assert choose_prompt("adapter", tmp_path / "a") == ("alpaca", None)
+    template, warning = choose_prompt("course", tmp_path / "a")
+    assert template == "course" and "was trained with the alpaca prompt" in warning
+    assert choose_prompt("course", None) == ("course", None)
+    with pytest.raises(BadInput, match="--prompt_template adapter: no --peft_path"):
+        choose_prompt("adapter", None)
