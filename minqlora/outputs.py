@@ -52,7 +52,7 @@ def check_output_file_path(path, flag: str):
         raise BadInput(f"{flag} {path}: is a folder; give a file name")
     if p.exists() and not os.access(p, os.W_OK):
         raise BadInput(f"{flag} {path}: the file may not be written (permission denied)")
-    _check_writable_within(p.parent if not p.exists() else p, flag, path)
+    _check_writable_within(p, flag, path)
 
 
 def check_number(flag: str, value, *, low=None, high=None, low_open=False, high_open=False, hint=""):
