@@ -34,6 +34,7 @@ from .errors import BadInput
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
+INFO_NAME = "minqlora.json"  # beside peft's files (which peft ignores): {"prompt_template": "alpaca"}
 PREFIX = "base_model.model."
 # <module>.lora_A.weight, or peft's in-memory <module>.lora_A.<adapter name>.weight
 KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
@@ -55,8 +56,11 @@ def _target_modules_for_config(model: nn.Module, wrapped: list[str]) -> list[str
     return short if sorted(would_match) == sorted(wrapped) else sorted(wrapped)
 
 
-def _write_files(folder: Path, tensors: dict, config: dict):
+def _write_files(folder: Path, tensors: dict, config: dict, info: dict | None = None):
     """Each file under a temporary name, then renamed: the pair is never seen half-written."""
+    if info:
+        with atomic_file(folder / INFO_NAME) as f:
+            f.write(json.dumps(info, indent=2, sort_keys=True) + "\n")
     with atomic_path(folder / SAFETENSORS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     with atomic_file(folder / CONFIG_NAME) as f:
@@ -72,12 +76,14 @@ def save_adapter(
     dropout: float,
     targets: str | list[str],
     base_model_name_or_path: str | None,
+    prompt_template: str | None = None,
 ) -> Path:
     """Write the model's LoRA weights and config as a peft adapter folder.
 
     r/alpha must agree with the model's LoRA layers; `targets` is what was
     passed to apply_lora and only serves as a check: `target_modules` in the
-    file lists the modules actually wrapped.
+    file lists the modules actually wrapped. `prompt_template` (the training
+    data's format) goes into minqlora.json, for ppl.py and predict.py.
     """
     modules = lora_modules(model)
     if not modules:
@@ -116,18 +122,45 @@ def save_adapter(
         "revision": None,
     }
 
+    info = {"prompt_template": prompt_template} if prompt_template else None
     # A new folder is built under a temporary name and renamed. An existing one may hold other files
     # (a training run's output_dir, a checkpoint): our two files are replaced one by one, atomically.
     out_dir = Path(out_dir)
     if not out_dir.exists():
         with atomic_dir(out_dir) as tmp:
-            _write_files(tmp, tensors, config)
+            _write_files(tmp, tensors, config, info)
     else:
-        _write_files(out_dir, tensors, config)
+        _write_files(out_dir, tensors, config, info)
         stale_bin = out_dir / BIN_NAME
         if stale_bin.exists():  # peft would prefer our safetensors anyway; don't leave a stale .bin
             stale_bin.unlink()
     return out_dir
+
+
+def trained_prompt(adapter_dir) -> str | None:
+    """The prompt template an adapter was trained with (minqlora.json), None when not recorded."""
+    try:
+        info = json.loads((Path(adapter_dir) / INFO_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info.get("prompt_template") if isinstance(info, dict) else None
+
+
+def choose_prompt(asked: str, adapter_dir) -> tuple[str, str | None]:
+    """--prompt_template of ppl.py / predict.py -> (the template to use, a warning or None). 'adapter'
+    takes the adapter's recorded one; another template than the recorded one is used, with a warning
+    (the course scores an alpaca-trained adapter with the course prompt on purpose)."""
+    trained = trained_prompt(adapter_dir) if adapter_dir else None
+    if asked == "adapter":
+        if trained is None:
+            where = f"{adapter_dir} has no {INFO_NAME}" if adapter_dir else "no --peft_path"
+            raise BadInput(f"--prompt_template adapter: {where}, so no recorded template; name one (course, "
+                           "alpaca, input-output or a file)")
+        return trained, None
+    if trained is not None and trained != asked:
+        return asked, (f"warning: {adapter_dir} was trained with the {trained} prompt; this run uses "
+                       f"--prompt_template {asked} (--prompt_template adapter uses {trained})")
+    return asked, None
 
 
 def _read_config(path: Path) -> dict:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import random
 import re
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .adapter import CONFIG_NAME, SAFETENSORS_NAME, load_adapter, save_adapter
+from .adapter import CONFIG_NAME, INFO_NAME, SAFETENSORS_NAME, load_adapter, save_adapter
 from .atomic import atomic_dir, atomic_file
 from .optim import fast_forward, schedule_change
 from .errors import BadInput
@@ -49,6 +50,8 @@ ORDER_FLAGS = ("dataset", "dataset_format", "prompt_template", "source_max_len",
                "lr_scheduler_type", "loss_normalization", "lora_dropout", "bits", "bf16", "fp16", "optim",
                "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay", "max_grad_norm")
 
+# Flags that fix the adapter's layout: a checkpoint written with other values cannot be continued.
+LAYOUT_FLAGS = ("lora_r", "lora_alpha", "lora_modules")
 
 
 def flag_changes(saved_args: dict, now: dict, where) -> list[str]:
@@ -140,9 +143,7 @@ def prepare_output_dir(output_dir, *, overwrite: bool, resuming: bool, resume_fr
     for name in found:
         p = out / name
         shutil.rmtree(p) if p.is_dir() else p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    if resuming:
-        (out / "completed").unlink(missing_ok=True)  # written again when this run completes
+    out.mkdir(parents=True, exist_ok=True)  # `completed` goes once the resume has succeeded (trainer.setup)
     return found
 
 
@@ -181,23 +182,37 @@ def save_training_checkpoint(output_dir, step: int, model, *, lora: dict, optimi
     dest = Path(output_dir) / f"{PREFIX}{step}"
     with atomic_dir(dest) as tmp:
         save_adapter(model, tmp, **lora)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng},
-                   tmp / STATE_PT)
+        buf = io.BytesIO()  # serialized in memory, written by Python: a full disk is an OSError (ENOSPC),
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),  # not torch's
+                    "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng}, buf)  # "pos"
+        with open(tmp / STATE_PT, "wb") as f:
+            f.write(buf.getbuffer())
         (tmp / STATE_JSON).write_text(json.dumps({**state, "step": step}, indent=2) + "\n", encoding="utf-8")
     return dest
 
 
-def load_training_checkpoint(path, model, *, optimizer, scaler) -> tuple[dict, dict]:
+def load_training_checkpoint(path, model, *, optimizer, scaler, check=None) -> tuple[dict, dict]:
     """Load adapter, optimizer and scaler states in place; return (state json, rng state). The
     scheduler's state is not loaded (the caller derives it: optim.fast_forward), and the optimizer's
-    hyperparameters are the caller's to set again from its flags."""
+    hyperparameters are the caller's to set again from its flags. `check(state)` may refuse the saved
+    state before anything is loaded."""
     path = Path(path)
+    earlier = f"resume from an earlier {PREFIX}N in {path.parent} instead"
     try:
         state = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("not a trainer state")
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise BadInput(f"{path / STATE_JSON}: cannot read the training state ({e}); {earlier}") from None
+    try:
         blob = torch.load(path / STATE_PT, map_location="cpu", weights_only=True)
-    except (OSError, json.JSONDecodeError, RuntimeError) as e:
-        raise BadInput(f"{path}: cannot read the training state ({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001 -- torch's own wording advises an unsafe reload; never pass it on
+        raise BadInput(f"{path / STATE_PT}: cannot read ({type(e).__name__}): the file is damaged or was not "
+                       f"written by minqlora; {earlier}") from None
+    if not isinstance(blob, dict) or not {"optimizer", "rng"} <= set(blob):
+        raise BadInput(f"{path / STATE_PT}: not a minqlora training state (no optimizer or RNG state); {earlier}")
+    if check is not None:
+        check(state)
     load_adapter(model, path)
     try:
         optimizer.load_state_dict(blob["optimizer"])
@@ -213,7 +228,25 @@ def resume_run(run, resume: Path, hyper: dict, say):
     """Continue trainer.Run `run` from checkpoint `resume`: adapter, optimizer moments, RNG, data position,
     best-so-far, log accumulators (its RunState). The optimizer's hyperparameters (`hyper`) and the LR come
     from this run's flags and schedule, at the saved position; `say` prints the notes and warnings."""
-    saved, rng = load_training_checkpoint(resume, run.model, optimizer=run.opt, scaler=run.scaler)
+    def check(saved):  # what a continuation cannot change: refused before anything is loaded or written
+        now, was = run.args.to_dict(), saved.get("args", {})
+        for k in LAYOUT_FLAGS:
+            if k in was and was[k] != now[k]:
+                raise BadInput(f"{resume / STATE_JSON}: the run was trained with --{k} {was[k]}, this command has "
+                               f"--{k} {now[k]}; resume with the same --lora_r, --lora_alpha and --lora_modules, "
+                               "or start a new run in another --output_dir")
+        pos, batches = saved.get("pos", 0), run.order.batches_per_epoch
+        if pos >= batches or saved.get("epoch", 0) < 0:
+            raise BadInput(f"{resume / STATE_JSON}: the run stopped at micro-batch {pos} of epoch {saved.get('epoch')}, "
+                           f"but this command's data has {batches} micro-batches an epoch ({len(run.train_ex)} "
+                           f"examples): the dataset no longer matches the saved position. Resume with the "
+                           f"run's --dataset ({was.get('dataset')}) and data flags, or start a new run")
+        n = saved.get("train_examples")
+        if n is not None and n != len(run.train_ex):
+            say(f"warning: {resume} was trained on {n} examples, this command has {len(run.train_ex)}: the data "
+                "order differs from an uninterrupted run")
+
+    saved, rng = load_training_checkpoint(resume, run.model, optimizer=run.opt, scaler=run.scaler, check=check)
     for warning in flag_changes(saved.get("args", {}), run.args.to_dict(), resume):
         say(warning)
     names = [f.name for f in dataclasses.fields(run.state)]
@@ -283,8 +316,9 @@ def reconcile_best(output_dir, resume, state: dict) -> tuple[str | None, bool]:
         if (src / SAFETENSORS_NAME).is_file() and (src / CONFIG_NAME).is_file() and \
                 (src.name != BEST or _best_step(src) == step):
             with atomic_dir(best) as tmp:
-                for name in (CONFIG_NAME, SAFETENSORS_NAME):
-                    shutil.copy2(src / name, tmp / name)
+                for name in (CONFIG_NAME, SAFETENSORS_NAME, INFO_NAME):
+                    if (src / name).exists():
+                        shutil.copy2(src / name, tmp / name)
                 info = {"step": step, "eval_ppl": state.get("best_ppl"), "eval_loss": state.get("best_loss"),
                         "restored_from": str(src)}
                 (tmp / "best.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import types
 import typing
-from pathlib import Path
 
 from .errors import BadInput
 
@@ -99,13 +98,3 @@ def check_positive(**values):
     for name, (value, low) in values.items():
         if value < low:
             raise BadInput(f"--{name} {value}: must be at least {low}")
-
-
-def check_output_path(path, flag: str):
-    """Refuse, before any model work, an output path that cannot become a file."""
-    p = Path(path)
-    if p.is_dir():
-        raise BadInput(f"{flag} {path}: is a folder; give a file name")
-    parent = next((q for q in p.absolute().parents if q.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise BadInput(f"{flag} {path}: {parent} is a file, not a folder")

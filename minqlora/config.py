@@ -22,6 +22,10 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
 
+# Keys a config.json must have: the model's sizes (a missing one would silently take Llama-2-7B's).
+REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
 @dataclass
 class LlamaConfig:
     hidden_size: int = 4096
@@ -100,12 +104,19 @@ class LlamaConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
+        elif path.is_file() and path.suffix != ".json":
+            raise BadInput(f"{path}: is a file, not a model folder; give the folder that holds config.json, "
+                           "the weights and the tokenizer")
         if not path.exists():
             raise FileNotFoundError(f"{path}: no config.json; a model folder needs one")
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise BadInput(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}")
+        missing = [k for k in REQUIRED if isinstance(d, dict) and k not in d]
+        if missing:  # the defaults are Llama-2-7B's: a smaller checkpoint would fail later as a shape mismatch
+            raise BadInput(f"{path}: no {', '.join(map(repr, missing))}; a Llama config.json names the model's "
+                           f"sizes ({', '.join(REQUIRED)})")
         try:
             return cls.from_dict(d)
         except BadInput as e:

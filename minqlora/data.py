@@ -57,6 +57,8 @@ def _parse(path: Path, text: str) -> list:
 def read_records(path, required=("instruction", "output"), unique_ids=False) -> list[dict]:
     """Load `path` (.json list or .jsonl) and check that every record has the `required` string fields."""
     path = Path(path)
+    if path.is_dir():
+        raise BadInput(f"{path}: is a folder; give a data file (.json list or .jsonl)")
     if not path.is_file():
         raise BadInput(f"{path}: no such file")
     try:

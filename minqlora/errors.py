@@ -5,6 +5,7 @@
     TrainingError  training could not go on once started (loss or weights NaN/inf, out of memory,
                    an error mid-run); the checkpoints written so far are kept                exit 1
     Interrupted    Ctrl-C during training, after saving a checkpoint to resume from          exit 130
+    OSError        a fault while writing (disk full, permission lost): no half-written file  exit 1
 
 Every message names the file, record, key or flag. Modules this package does not own the errors of
 (lora.py, generate.py, torch) raise ValueError for bad input, so a command treats every ValueError
@@ -32,22 +33,51 @@ class Interrupted(Exception):
         self.step, self.path = step, path
 
 
+def close_progress_bars():
+    """Close every open tqdm bar so that what is printed next is the last thing on screen (a bar left
+    open is redrawn after the message)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    sys.stdout.flush()
+
+
+def describe_os_error(e: OSError) -> str:
+    """`path: No space left on device` rather than Python's `[Errno 28] ...: 'path'`."""
+    if e.strerror and e.filename:
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
+
+
 def run_main(program, *args) -> int:
-    """Run a command's program; its errors become one `error: ...` line on stderr and an exit status."""
+    """Run a command's program; its errors become one `error: ...` line on stderr and an exit status.
+    Input and environment faults never show a traceback; anything else (a bug) keeps its traceback."""
     try:
         program(*args)
     except Interrupted as e:
+        close_progress_bars()
         where = f"; checkpoint {e.path}" if e.path else "; no step completed, nothing saved"
         print(f"interrupted after step {e.step}{where}. Continue with the same flags plus "
               "--resume_from_checkpoint latest", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
+        close_progress_bars()
         print("interrupted before anything was written; nothing was saved", file=sys.stderr)
         return 130
     except TrainingError as e:
+        close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError) as e:  # BadInput, and the ValueErrors of lora.py, generate.py
+        close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a permission lost while writing: the work had started
+        close_progress_bars()
+        print(f"error: {describe_os_error(e)}; the output was not written (files are replaced only when "
+              "complete, so what was there before is unchanged)", file=sys.stderr)
+        return 1
     return 0

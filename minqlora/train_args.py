@@ -10,6 +10,7 @@ tests/test_train.py.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from . import qlora_compat as compat
@@ -18,6 +19,7 @@ from .chat import prompt_for
 from .data import check_limits, make_data_module
 from .errors import BadInput
 from .loader import DTYPES
+from .outputs import check_number, check_output_dir_path
 
 
 def _f(default, help, choices=None):
@@ -161,14 +163,15 @@ def validate(a: RunArgs) -> RunArgs:
     for name in ("max_train_samples", "max_eval_samples"):
         if getattr(d, name) is not None and getattr(d, name) < 0:
             raise BadInput(f"--{name} {getattr(d, name)}: must be at least 0 (or None: all)")
-    if t.max_steps <= 0 and t.num_train_epochs <= 0:
-        raise BadInput("--max_steps <= 0 and --num_train_epochs <= 0: nothing to train")
+    if t.max_steps <= 0 and not (math.isfinite(t.num_train_epochs) and t.num_train_epochs > 0):
+        raise BadInput(f"--num_train_epochs {t.num_train_epochs}: must be a finite number > 0 when --max_steps "
+                       f"is {t.max_steps} (<= 0 means: train --num_train_epochs epochs)")
     if t.pass_tokens < -1:
         raise BadInput(f"--pass_tokens {t.pass_tokens}: expected N > 0, 0 (off) or -1 (auto)")
     if not 0 <= t.lora_dropout < 1:
         raise BadInput(f"--lora_dropout {t.lora_dropout}: expected 0 <= p < 1")
-    if t.learning_rate <= 0:
-        raise BadInput(f"--learning_rate {t.learning_rate}: must be positive")
+    check_numbers(t)
+    check_output_dir_path(t.output_dir)
     if t.save_total_limit is not None and t.save_total_limit < 1:
         raise BadInput(f"--save_total_limit {t.save_total_limit}: must be at least 1 (or None: keep all)")
     if t.early_stopping_patience is not None and (t.early_stopping_patience < 1 or t.eval_strategy == "no"):
@@ -179,6 +182,21 @@ def validate(a: RunArgs) -> RunArgs:
     if not t.do_train:
         raise BadInput("--do_train False: nothing to do here; evaluate an adapter with scripts/ppl.py")
     return a
+
+
+def check_numbers(t):
+    """The ranges of the float flags (and warmup_steps), each refused by name: NaN and inf never pass."""
+    check_number("learning_rate", t.learning_rate, low=0, low_open=True)
+    check_number("lora_alpha", t.lora_alpha, low=0, low_open=True,
+                 hint="the update is scaled by alpha / r, so 0 trains an adapter that does nothing")
+    check_number("adam_beta1", t.adam_beta1, low=0, high=1, high_open=True)
+    check_number("adam_beta2", t.adam_beta2, low=0, high=1, high_open=True)
+    check_number("adam_epsilon", t.adam_epsilon, low=0, low_open=True,
+                 hint="it keeps AdamW from dividing by zero (the default is 1e-8)")
+    check_number("weight_decay", t.weight_decay, low=0)
+    check_number("warmup_ratio", t.warmup_ratio, low=0, high=1, hint="a fraction of the total steps")
+    check_number("warmup_steps", t.warmup_steps, low=0)
+    check_number("max_grad_norm", t.max_grad_norm, low=0, hint="0 turns clipping off")
 
 
 def parse_args(argv=None, prog="train.py", description=None):

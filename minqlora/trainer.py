@@ -151,7 +151,8 @@ def setup(a: RunArgs, progress: bool) -> Run:
     say(describe_schedule(t.lr_scheduler_type, warmup, t.warmup_ratio, t.warmup_steps))
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     lora = dict(r=t.lora_r, alpha=t.lora_alpha, dropout=t.lora_dropout, targets=targets,
-                base_model_name_or_path=m.model_name_or_path)
+                base_model_name_or_path=m.model_name_or_path,
+                prompt_template=d.prompt_template or d.dataset_format)
     schedule = {"type": t.lr_scheduler_type, "total_steps": total_steps, "warmup_steps": warmup}
     run = Run(args=a, out=out, device=device, model=model, tok=tok, params=params, lora=lora, opt=opt, sched=sched,
               scaler=scaler, schedule=schedule, order=order, train_ex=train_ex, eval_ex=eval_ex,
@@ -161,6 +162,7 @@ def setup(a: RunArgs, progress: bool) -> Run:
     say(f"training passes: {fast}")
     if resume is not None:
         ckpt.resume_run(run, resume, hyper, say)
+        (out / "completed").unlink(missing_ok=True)  # written again when this run completes
 
     fresh = resume is None or not (out / "log.jsonl").exists()  # a new run, or resumed into a new folder
     run.log = RunLog(out / "log.jsonl", keep_until_step=None if fresh else run.state.step)
@@ -206,6 +208,8 @@ def train_step(run: Run) -> tuple[float, float, float, int]:
     schedule. Returns (loss, gradient norm, lr, tokens); the state advances only if the step completes."""
     t, st, scaler, t0 = run.args.train, run.state, run.scaler, time.perf_counter()
     window = [collate([run.train_ex[i] for i in idx], run.tok.pad_id) for idx in run.order.window()]
+    if not window:  # resume_run refuses a position past the data; reaching this is a bug
+        raise RuntimeError(f"empty step at epoch {run.order.epoch}, micro-batch {run.order.pos}")
     step_loss = accumulate_gradients(run.model, window, run.device, t.loss_normalization, scaler,
                                      pad_id=run.tok.pad_id, pass_tokens=run.pass_tokens, graphs=run.graphs)
     if scaler:
@@ -265,6 +269,7 @@ def save(run: Run) -> Path:
     st = run.state
     check_finite(run, f"{ckpt.PREFIX}{st.step}")
     state = {**asdict(st), "epoch": run.order.epoch, "pos": run.order.pos, "elapsed": run.elapsed(),
+             "train_examples": len(run.train_ex),
              "args": run.args.to_dict(), "schedule": {**run.schedule, "step": run.sched.last_epoch}}
     path = ckpt.save_training_checkpoint(run.out, st.step, run.model, lora=run.lora, optimizer=run.opt,
                                          scheduler=run.sched, scaler=run.scaler, rng=run.step_rng, state=state)
@@ -295,7 +300,8 @@ def train(a: RunArgs, *, progress: bool = True) -> dict:
     except torch.OutOfMemoryError:
         raise TrainingError(MEMORY_HINT) from None
     t, st, out = a.train, run.state, run.out
-    run.step_rng, stop = ckpt.rng_state(), "max_steps"  # the RNG a checkpoint of this step restores
+    # the RNG a checkpoint of this step restores; why the loop ends unless something stops it earlier
+    run.step_rng, stop = ckpt.rng_state(), "max_steps" if t.max_steps > 0 else "num_train_epochs"
     bar = tqdm(total=run.total_steps, initial=st.step, desc="training", unit="step", disable=not progress,
                dynamic_ncols=True)
     try:
@@ -327,7 +333,7 @@ def train(a: RunArgs, *, progress: bool = True) -> dict:
             # Checkpoint, to resume from exactly.
             if t.save_strategy != "no" and due(t.save_strategy, t.save_steps, step, run.order):
                 save(run)
-            if stop != "max_steps":
+            if stop == "early_stopping":
                 break
         # The end: a last evaluation and checkpoint, the final adapter in OUTPUT_DIR, then `completed`.
         bar.close()
@@ -360,4 +366,5 @@ def train(a: RunArgs, *, progress: bool = True) -> dict:
     finally:
         bar.close()
         run.log.close()
-    return {**summary, "output_dir": str(out), "best_dir": str(out / ckpt.BEST) if st.best_step is not None else None}
+    return {**summary, "output_dir": str(out), "best_dir": str(out / ckpt.BEST) if st.best_step is not None else None,
+            "session": round(time.perf_counter() - run.started, 2), "resumed": t.resume_from_checkpoint is not None}

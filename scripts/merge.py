@@ -1,10 +1,13 @@
-"""Merge a LoRA adapter into its base model and write a 16-bit Hugging Face checkpoint.
+"""Merge a LoRA adapter into its base model and write an unquantized Hugging Face checkpoint.
 
     python scripts/merge.py --base_model_path weights/tiny --peft_path output/default --output_dir output/merged
 
 By default the base is loaded unquantized (--bits 16), so the result is W0 + B·A·alpha/r on the original
 weights; --bits 4 merges into the dequantized 4-bit weights the adapter was trained against instead.
+The weights are written in --dtype (auto: the base's own torch_dtype, e.g. float32 for weights/tiny).
+--overwrite_output_dir replaces a checkpoint folder and refuses one holding other files.
 """
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +21,8 @@ from minqlora.errors import BadInput, run_main  # noqa: E402
 from minqlora.loader import DTYPES, load_model, resolve_device_dtype, save_checkpoint  # noqa: E402
 from minqlora.lora import merge_lora  # noqa: E402
 from minqlora.nf4 import dequantize_linears  # noqa: E402
+from minqlora.outputs import check_output_dir_path  # noqa: E402
+
 
 @dataclass
 class MergeArgs:
@@ -34,12 +39,29 @@ class MergeArgs:
     device: str = field(default="cpu", metadata={"help": "where to merge: cpu, cuda or cuda:N (auto: cuda if available)"})
 
 
-def merge(args: MergeArgs):
+# What a Hugging Face checkpoint folder holds: all that --overwrite_output_dir may replace.
+CHECKPOINT_FILE = re.compile(r"config\.json|generation_config\.json|special_tokens_map\.json|tokenizer.*|"
+                             r"model.*\.safetensors(\.index\.json)?|pytorch_model.*\.bin(\.index\.json)?")
+
+
+def check_output(args: MergeArgs):
     out, base = Path(args.output_dir), Path(args.base_model_path)
+    check_output_dir_path(args.output_dir)
     if out.resolve() in (base.resolve(), Path(args.peft_path).resolve()):
         raise BadInput(f"--output_dir {out}: is the base model or the adapter folder")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite_output_dir:
-        raise BadInput(f"--output_dir {out}: exists and is not empty (--overwrite_output_dir replaces it)")
+    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if present and not args.overwrite_output_dir:
+        raise BadInput(f"--output_dir {out}: exists and is not empty (--overwrite_output_dir replaces a "
+                       "checkpoint there)")
+    other = [n for n in present if not CHECKPOINT_FILE.fullmatch(n)]
+    if present and other:
+        shown = ", ".join(other[:5]) + (" ..." if len(other) > 5 else "")
+        raise BadInput(f"--output_dir {out}: holds files that are not a checkpoint's ({shown}); "
+                       "--overwrite_output_dir replaces only a checkpoint folder: choose another --output_dir")
+
+
+def merge(args: MergeArgs):
+    check_output(args)
     saved = LlamaConfig.from_json(args.base_model_path).torch_dtype
     auto = saved if saved in DTYPES else "float32"  # the base's own dtype
     device, dtype = resolve_device_dtype(args.device, auto if args.dtype == "auto" else args.dtype)

@@ -18,13 +18,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from minqlora.adapter import choose_prompt  # noqa: E402
 from minqlora.atomic import atomic_file  # noqa: E402
-from minqlora.cli import ModelArgs, check_output_path, check_positive, parse_dataclasses  # noqa: E402
+from minqlora.cli import ModelArgs, check_positive, parse_dataclasses  # noqa: E402
 from minqlora.course import FewShotPrompt, direction_counts, plan_draws  # noqa: E402
 from minqlora.chat import prompt_for  # noqa: E402
 from minqlora.data import read_records  # noqa: E402
 from minqlora.errors import BadInput, run_main  # noqa: E402
 from minqlora.loader import load_with_adapter, resolve_device_dtype  # noqa: E402
+from minqlora.outputs import check_output_file_path  # noqa: E402
 from minqlora.perplexity import mean_perplexity, perplexities  # noqa: E402
 
 
@@ -33,8 +35,8 @@ class PplArgs:
     test_data_path: str = field(default="data/example/test.json", metadata={
         "help": "records with instruction and output (.json list or .jsonl)"})
     prompt_template: str = field(default="course", metadata={
-        "help": "course, alpaca, input-output, chat (the model folder's chat template), or a file holding "
-                "{instruction}"})
+        "help": "course, alpaca, input-output, chat (the model folder's chat template), a file holding "
+                "{instruction}, or adapter: the one the --peft_path adapter was trained with"})
     max_length: int = field(default=2048, metadata={"help": "cut each example to this many tokens"})
     batch_size: int = field(default=8, metadata={"help": "examples per forward pass"})
     few_shot: int = field(default=0, metadata={"help": "solved examples put in front of each prompt"})
@@ -56,8 +58,11 @@ def ppl(m: ModelArgs, args: PplArgs) -> list[float]:
     if args.few_shot == 0 and (args.repeats > 1 or args.balanced or args.few_shot_pool):
         raise BadInput("--repeats, --balanced and --few_shot_pool need --few_shot K (K > 0)")
     device, dtype = resolve_device_dtype(m.device, m.dtype)
+    template, warning = choose_prompt(args.prompt_template, m.peft_path)
+    if warning:
+        print(warning, file=sys.stderr)
     try:
-        prompt = prompt_for(args.prompt_template, m.base_model_path)  # chat: the folder's template
+        prompt = prompt_for(template, m.base_model_path)  # chat: the folder's template
     except (BadInput, ValueError) as e:
         raise BadInput(f"--prompt_template: {e}") from None
     required = (*prompt.fields, "output")
@@ -70,7 +75,7 @@ def ppl(m: ModelArgs, args: PplArgs) -> list[float]:
         draws = plan_draws(test, pool, k=args.few_shot, repeats=args.repeats, seed=args.seed,
                            balanced=args.balanced, pool_name=args.few_shot_pool or args.test_data_path)
     if args.per_example_out:
-        check_output_path(args.per_example_out, "--per_example_out")
+        check_output_file_path(args.per_example_out, "--per_example_out")
 
     # 2. Load: the 4-bit base, the adapter on it.
     model, tokenizer = load_with_adapter(m.base_model_path, m.peft_path, bits=m.bits, quant_type=m.quant_type,

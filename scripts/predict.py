@@ -14,13 +14,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from minqlora.adapter import choose_prompt  # noqa: E402
 from minqlora.atomic import atomic_file  # noqa: E402
-from minqlora.cli import ModelArgs, check_output_path, check_positive, parse_dataclasses  # noqa: E402
 from minqlora.chat import prompt_for  # noqa: E402
+from minqlora.cli import ModelArgs, check_positive, parse_dataclasses  # noqa: E402
 from minqlora.data import read_records  # noqa: E402
 from minqlora.errors import BadInput, run_main  # noqa: E402
 from minqlora.generate import generate  # noqa: E402
 from minqlora.loader import load_with_adapter, resolve_device_dtype  # noqa: E402
+from minqlora.outputs import check_number, check_output_file_path  # noqa: E402
 
 
 @dataclass
@@ -30,8 +32,8 @@ class PredictArgs:
     output_path: str = field(default="output/predictions.json", metadata={
         "help": "where to write [{id, output}] (replaced only when the run completes)"})
     prompt_template: str = field(default="course", metadata={
-        "help": "course, alpaca, input-output, chat (the model folder's chat template), or a file holding "
-                "{instruction}"})
+        "help": "course, alpaca, input-output, chat (the model folder's chat template), a file holding "
+                "{instruction}, or adapter: the one the --peft_path adapter was trained with"})
     max_new_tokens: int = field(default=128, metadata={"help": "new tokens at most per example"})
     do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
@@ -46,13 +48,15 @@ class PredictArgs:
 def predict(m: ModelArgs, args: PredictArgs) -> list[dict]:
     # 1. Flags and data, every check before the model loads.
     check_positive(batch_size=(args.batch_size, 1), max_new_tokens=(args.max_new_tokens, 1), top_k=(args.top_k, 0))
-    if not 0 < args.top_p <= 1:
-        raise BadInput(f"--top_p {args.top_p}: must be in (0, 1]")
-    if args.temperature <= 0 or args.repetition_penalty <= 0:
-        raise BadInput("--temperature and --repetition_penalty must be > 0")
+    check_number("top_p", args.top_p, low=0, high=1, low_open=True, hint="1.0 turns nucleus sampling off")
+    check_number("temperature", args.temperature, low=0, low_open=True, hint="or greedy: --do_sample False")
+    check_number("repetition_penalty", args.repetition_penalty, low=0, low_open=True, hint="1.0 turns it off")
     device, dtype = resolve_device_dtype(m.device, m.dtype)
+    template, warning = choose_prompt(args.prompt_template, m.peft_path)
+    if warning:
+        print(warning, file=sys.stderr)
     try:
-        prompt = prompt_for(args.prompt_template, m.base_model_path)  # chat: the folder's template
+        prompt = prompt_for(template, m.base_model_path)  # chat: the folder's template
     except (BadInput, ValueError) as e:
         raise BadInput(f"--prompt_template: {e}") from None
     path = args.test_data_path
@@ -60,7 +64,7 @@ def predict(m: ModelArgs, args: PredictArgs) -> list[dict]:
     for i, rec in enumerate(records):
         if rec.get("id") is None:
             raise BadInput(f"{path}: record {i} has no 'id' field; predictions are keyed by id")
-    check_output_path(args.output_path, "--output_path")
+    check_output_file_path(args.output_path, "--output_path")
 
     # 2. Load: the 4-bit base, the adapter on it.
     model, tokenizer = load_with_adapter(m.base_model_path, m.peft_path, bits=m.bits, quant_type=m.quant_type,

@@ -41,7 +41,8 @@ def run(argv):
         print(note)
     result = train(args)
     out = Path(result["output_dir"])
-    print(f"done: {result['step']} steps ({result['stop']}) in {result['elapsed']:.0f} s")
+    earlier = f" ({result['elapsed']:.0f} s with the earlier sessions)" if result["resumed"] else ""
+    print(f"done: {result['step']} steps ({result['stop']}) in {result['session']:.0f} s{earlier}")
     print(f"  adapter     {out}/adapter_model.safetensors (+ adapter_config.json)")
     if result["best_dir"]:
         print(f"  best        {result['best_dir']} (eval perplexity {result['best_eval_ppl']:.4f} "

@@ -74,6 +74,14 @@ def test_merge_never_replaces_a_folder_it_was_not_told_to(tmp_path, capsys):
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
     assert merge.main([*flags, "--output_dir", str(tmp_path / "base"), "--overwrite_output_dir"]) == 2
     assert "is the base model or the adapter folder" in capsys.readouterr().err
+    assert merge.main([*flags, "--output_dir", str(tmp_path / "busy"), "--overwrite_output_dir"]) == 2
+    assert "holds files that are not a checkpoint's (keep.txt)" in capsys.readouterr().err
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+    (tmp_path / "busy" / "keep.txt").unlink()
+    assert merge.main([*flags, "--output_dir", str(tmp_path / "busy")]) == 0
     assert merge.main([*flags, "--output_dir", str(tmp_path / "busy"), "--overwrite_output_dir"]) == 0
-    assert not (tmp_path / "busy" / "keep.txt").exists() and (tmp_path / "busy" / "config.json").exists()
+    assert (tmp_path / "busy" / "config.json").exists()
+    (tmp_path / "file").write_text("x")
+    assert merge.main([*flags, "--output_dir", str(tmp_path / "file")]) == 2
+    assert "file: is a file, not a folder" in capsys.readouterr().err
 

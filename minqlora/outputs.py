@@ -1,0 +1,69 @@
+"""What a command will write and the numbers it is given, checked before any work.
+
+Every script calls these while it reads its flags, before the model loads, so that a path that cannot
+be written or a number out of range is refused at once (BadInput, exit 2) with one line naming the
+flag, what is wrong and what to do; nothing has been written then. What cannot be known in advance
+(a disk that fills up, a permission lost mid-run) is a fault during the work (exit 1; errors.py).
+Write permission is checked with os.access, which a root user always passes. No paper section: the
+commands' plumbing. Checked in tests/test_faults.py.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from .errors import BadInput
+
+
+def _nearest_existing(p: Path) -> Path:
+    """The deepest existing folder or file on the way to `p` (p itself if it exists)."""
+    p = p.absolute()
+    return next(q for q in (p, *p.parents) if q.exists())
+
+
+def _check_writable_within(p: Path, flag: str, shown):
+    """Refuse when the nearest existing thing on the way to `p` is a file, or a folder we may not write."""
+    q = _nearest_existing(p)
+    if q != p.absolute() and not q.is_dir():
+        raise BadInput(f"{flag} {shown}: {q} is a file, not a folder; choose a path outside it")
+    folder = q if q.is_dir() else q.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BadInput(f"{flag} {shown}: cannot write in {folder} (permission denied); choose a folder you "
+                       "may write or change its permissions")
+
+
+def check_output_dir_path(path, flag: str = "--output_dir"):
+    """A folder the command will create or write into."""
+    if path is None or str(path).strip() == "":
+        raise BadInput(f'{flag} "": empty; give a folder name (e.g. output/run1)')
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise BadInput(f"{flag} {path}: is a file, not a folder; give a folder name")
+    _check_writable_within(p, flag, path)
+
+
+def check_output_file_path(path, flag: str):
+    """A file the command will write (under a temporary name beside it, then renamed)."""
+    if path is None or str(path).strip() == "":
+        raise BadInput(f'{flag} "": empty; give a file name')
+    p = Path(path)
+    if p.is_dir():
+        raise BadInput(f"{flag} {path}: is a folder; give a file name")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise BadInput(f"{flag} {path}: the file may not be written (permission denied)")
+    _check_writable_within(p, flag, path)
+
+
+def check_number(flag: str, value, *, low=None, high=None, low_open=False, high_open=False, hint=""):
+    """Refuse a value that is NaN/inf or outside [low, high] (open ends with low_open / high_open)."""
+    ok = isinstance(value, int) or math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+        want = " and ".join(s for s in (lo, hi) if s) or "a finite number"
+        raise BadInput(f"--{flag} {value}: must be a finite number {want}" + (f"; {hint}" if hint else ""))
