@@ -6,6 +6,7 @@
                    an error mid-run); the checkpoints written so far are kept                exit 1
     Interrupted    Ctrl-C during training, after saving a checkpoint to resume from          exit 130
     OSError        a fault while writing (disk full, permission lost): no half-written file  exit 1
+    torch.OutOfMemoryError  in ppl.py, predict.py, merge.py (training reports it as TrainingError)  exit 1
 
 Every message names the file, record, key or flag. Modules this package does not own the errors of
 (lora.py, generate.py, torch) raise ValueError for bad input, so a command treats every ValueError
@@ -75,6 +76,13 @@ def run_main(program, *args) -> int:
         close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if type(e).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError; any other is a bug: traceback
+            raise
+        close_progress_bars()
+        print(f"error: out of memory ({str(e).splitlines()[0] if str(e) else 'torch.OutOfMemoryError'}); nothing "
+              "was written. Lower --batch_size (or --max_length, --max_new_tokens)", file=sys.stderr)
+        return 1
     except OSError as e:  # a full disk, a permission lost while writing: the work had started
         close_progress_bars()
         print(f"error: {describe_os_error(e)}; the output was not written (files are replaced only when "

@@ -135,6 +135,21 @@ def test_an_os_error_during_work_is_one_line_exit_1(capsys):
     one_error_line(capsys.readouterr().err, "out/p.json: No space left on device")
 
 
+
+def test_out_of_memory_outside_training_is_one_line_exit_1_and_other_errors_stay_bugs(capsys):
+    import torch
+
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert run_main(oom) == 1
+    one_error_line(capsys.readouterr().err, "out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)")
+
+    def bug():
+        raise RuntimeError("a bug")
+    with pytest.raises(RuntimeError, match="a bug"):  # a genuine bug keeps its traceback
+        run_main(bug)
+
+
 # 3. Resume refuses what it cannot continue, naming the file, and changes nothing.
 @needs_tiny
 def test_a_refused_resume_leaves_the_finished_run_as_it_was(tmp_path, capsys):
