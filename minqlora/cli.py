@@ -98,3 +98,19 @@ def check_positive(**values):
     for name, (value, low) in values.items():
         if value < low:
             raise BadInput(f"--{name} {value}: must be at least {low}")
+
+
+def inference_prompt(asked: str, m: ModelArgs):
+    """ppl.py's and predict.py's --prompt_template: the prompt to use (`adapter`: the one the --peft_path adapter
+    recorded; `chat`: the model folder's template); a differing recorded one is warned about on stderr."""
+    import sys
+
+    from .adapter import choose_prompt
+    from .chat import prompt_for
+    template, warning = choose_prompt(asked, m.peft_path)
+    if warning:
+        print(warning, file=sys.stderr)
+    try:
+        return prompt_for(template, m.base_model_path)
+    except ValueError as e:  # BadInput included
+        raise BadInput(f"--prompt_template: {e}") from None

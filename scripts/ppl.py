@@ -18,11 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minqlora.adapter import choose_prompt  # noqa: E402
 from minqlora.atomic import atomic_file  # noqa: E402
-from minqlora.cli import ModelArgs, check_positive, parse_dataclasses  # noqa: E402
+from minqlora.cli import ModelArgs, check_positive, inference_prompt, parse_dataclasses  # noqa: E402
 from minqlora.course import FewShotPrompt, direction_counts, plan_draws  # noqa: E402
-from minqlora.chat import prompt_for  # noqa: E402
 from minqlora.data import read_records  # noqa: E402
 from minqlora.errors import BadInput, run_main  # noqa: E402
 from minqlora.loader import load_with_adapter, resolve_device_dtype  # noqa: E402
@@ -58,13 +56,7 @@ def ppl(m: ModelArgs, args: PplArgs) -> list[float]:
     if args.few_shot == 0 and (args.repeats > 1 or args.balanced or args.few_shot_pool):
         raise BadInput("--repeats, --balanced and --few_shot_pool need --few_shot K (K > 0)")
     device, dtype = resolve_device_dtype(m.device, m.dtype)
-    template, warning = choose_prompt(args.prompt_template, m.peft_path)
-    if warning:
-        print(warning, file=sys.stderr)
-    try:
-        prompt = prompt_for(template, m.base_model_path)  # chat: the folder's template
-    except (BadInput, ValueError) as e:
-        raise BadInput(f"--prompt_template: {e}") from None
+    prompt = inference_prompt(args.prompt_template, m)  # adapter: recorded by training; chat: the folder's
     required = (*prompt.fields, "output")
     test = read_records(args.test_data_path, required=required, unique_ids=True)
     draws = [([], list(range(len(test))))]  # (shots, indices of the scored records): zero-shot scores all

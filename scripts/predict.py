@@ -14,10 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minqlora.adapter import choose_prompt  # noqa: E402
 from minqlora.atomic import atomic_file  # noqa: E402
-from minqlora.chat import prompt_for  # noqa: E402
-from minqlora.cli import ModelArgs, check_positive, parse_dataclasses  # noqa: E402
+from minqlora.cli import ModelArgs, check_positive, inference_prompt, parse_dataclasses  # noqa: E402
 from minqlora.data import read_records  # noqa: E402
 from minqlora.errors import BadInput, run_main  # noqa: E402
 from minqlora.generate import generate  # noqa: E402
@@ -52,13 +50,7 @@ def predict(m: ModelArgs, args: PredictArgs) -> list[dict]:
     check_number("temperature", args.temperature, low=0, low_open=True, hint="or greedy: --do_sample False")
     check_number("repetition_penalty", args.repetition_penalty, low=0, low_open=True, hint="1.0 turns it off")
     device, dtype = resolve_device_dtype(m.device, m.dtype)
-    template, warning = choose_prompt(args.prompt_template, m.peft_path)
-    if warning:
-        print(warning, file=sys.stderr)
-    try:
-        prompt = prompt_for(template, m.base_model_path)  # chat: the folder's template
-    except (BadInput, ValueError) as e:
-        raise BadInput(f"--prompt_template: {e}") from None
+    prompt = inference_prompt(args.prompt_template, m)  # adapter: recorded by training; chat: the folder's
     path = args.test_data_path
     records = read_records(path, required=prompt.fields, unique_ids=True)
     for i, rec in enumerate(records):
