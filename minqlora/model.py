@@ -57,17 +57,17 @@ class KVCache:
 
     Slot s of every row holds the token fed at step s; a row's RoPE position may differ from its
     slot (left padding), which the caller expresses with position_ids and an attention mask.
-    static=True is the CUDA-graph form (generate.py): every call sees all `max_len` slots, and the
-    slots it writes are a tensor the caller sets (`slots`), so the shapes never change between steps.
+    `static = True` (set by generate.py after the prompt) is the CUDA-graph form: every call sees all
+    `max_len` slots and writes the slots of a tensor the caller sets (`slots`): shapes never change.
     """
 
-    def __init__(self, cfg: LlamaConfig, batch: int, max_len: int, dtype, device, static: bool = False):
+    def __init__(self, cfg: LlamaConfig, batch: int, max_len: int, dtype, device):
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, nkv, S_max, hd)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.pos = 0  # slots filled so far (dynamic form)
         self.max_len = max_len
-        self.static = static
+        self.static = False
         self.slots: torch.Tensor | None = None  # static form: (T,) the slots this call writes
 
     def update(self, layer: int, k, v):
