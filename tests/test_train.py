@@ -233,6 +233,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeyp
     assert train_main(fast_args(out, data, save_steps=1, max_steps=5, fp16=fp16)) == 1
     err = capsys.readouterr().err
     assert "loss is nan at step 3" in err and "checkpoint-2" in err
+    lines = err.strip().splitlines()  # one error line, last on screen, no traceback; nothing half-written
+    assert "Traceback" not in err and lines[-1].startswith("error: ") and str(out / "checkpoint-2") in lines[-1]
+    assert not any(".tmp" in p.name for p in out.iterdir())
     assert ("--bf16 instead of --fp16" in err) == fp16  # that advice only where it applies
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert not (out / "completed").exists()
