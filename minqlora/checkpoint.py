@@ -226,8 +226,10 @@ def load_training_checkpoint(path, model, *, optimizer, scaler, check=None) -> t
 
 def resume_run(run, resume: Path, hyper: dict, say):
     """Continue trainer.Run `run` from checkpoint `resume`: adapter, optimizer moments, RNG, data position,
-    best-so-far, log accumulators (its RunState). The optimizer's hyperparameters (`hyper`) and the LR come
-    from this run's flags and schedule, at the saved position; `say` prints the notes and warnings."""
+    best-so-far, log accumulators (its RunState). Writes nothing: a refused resume leaves every file as it
+    was (the trainer prepares the output folder and calls restore_best after it). The optimizer's
+    hyperparameters (`hyper`) and the LR come from this run's flags and schedule, at the saved position;
+    `say` prints the notes and warnings."""
     def check(saved):  # what a continuation cannot change: refused before anything is loaded or written
         now, was = run.args.to_dict(), saved.get("args", {})
         for k in LAYOUT_FLAGS:
@@ -259,12 +261,18 @@ def resume_run(run, resume: Path, hyper: dict, say):
         say(f"{warning} (step {st.step + 1}: lr {lr_now:.3g})")
     set_rng_state(rng)
     run.order.epoch, run.order.pos = st.epoch, st.pos
+    say(f"resumed from {resume} at step {st.step} (epoch {run.order.epoch_float()})")
+
+
+def restore_best(run, resume: Path, say):
+    """After resume_run and once the output folder is prepared: make OUTPUT_DIR/best the resumed best
+    (reconcile_best), or forget that best when it is no longer on disk."""
+    st = run.state
     note, kept = reconcile_best(run.out, resume, dataclasses.asdict(st))
     if note:
         say(note)
     if not kept:
         st.best_step, st.best_ppl, st.best_loss, st.bad_evals = None, None, None, 0
-    say(f"resumed from {resume} at step {st.step} (epoch {run.order.epoch_float()})")
 
 
 def rotate(output_dir, limit: int | None, keep=()) -> list[Path]:

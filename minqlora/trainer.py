@@ -104,7 +104,7 @@ class Run:
 
 def setup(a: RunArgs, progress: bool) -> Run:
     """Model, data, optimizer and resume: every input is checked before the model loads, and a previous
-    run's files go (--overwrite_output_dir) only once it has loaded."""
+    run's files go (--overwrite_output_dir) only once it and any checkpoint to resume have loaded."""
     m, d, t = a.model, a.data, a.train
     started, out = time.perf_counter(), Path(t.output_dir)
     device, dtype = resolve_device_dtype(m.device, dtype_name(a))
@@ -137,10 +137,6 @@ def setup(a: RunArgs, progress: bool) -> Run:
     model.model.gradient_checkpointing = t.gradient_checkpointing
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    removed = ckpt.prepare_output_dir(out, overwrite=t.overwrite_output_dir, resuming=resume is not None,
-                                      resume_from=resume)
-    if removed:
-        say(f"--overwrite_output_dir: deleted the previous run's {', '.join(removed)} in {out}")
 
     # Optimizer, schedule, and (fp16 only) the gradient scaler.
     quiet_cpu_paging()
@@ -160,8 +156,14 @@ def setup(a: RunArgs, progress: bool) -> Run:
               started=started)
     run.pass_tokens, run.graphs = pass_tokens, accumulate.GraphedLoss(tok.pad_id) if use_graphs else None
     say(f"training passes: {fast}")
-    if resume is not None:
+    if resume is not None:  # loads and checks the checkpoint; refuses before any file is touched
         ckpt.resume_run(run, resume, hyper, say)
+    removed = ckpt.prepare_output_dir(out, overwrite=t.overwrite_output_dir, resuming=resume is not None,
+                                      resume_from=resume)
+    if removed:
+        say(f"--overwrite_output_dir: deleted the previous run's {', '.join(removed)} in {out}")
+    if resume is not None:
+        ckpt.restore_best(run, resume, say)
         (out / "completed").unlink(missing_ok=True)  # written again when this run completes
 
     fresh = resume is None or not (out / "log.jsonl").exists()  # a new run, or resumed into a new folder

@@ -203,6 +203,11 @@ def test_resuming_into_another_runs_output_dir_is_refused(tmp_path, capsys):
     assert err.startswith("error: ") and "holds another run" in err and f"({a})" in err
     assert "--overwrite_output_dir" in err and "Traceback" not in err
     assert {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()} == files_b  # untouched
+    # --overwrite_output_dir with a resume that is refused (another --lora_r): b's run is still untouched
+    assert train_main(fast_args(b, data, overwrite_output_dir=True, lora_r=2, **resume)) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("error: ") and "--lora_r" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()} == files_b
     # --overwrite_output_dir: the other run goes, the log holds this run only
     assert train_main(fast_args(b, data, overwrite_output_dir=True, **resume)) == 0
     log = read_log(b / "log.jsonl")
