@@ -203,6 +203,48 @@ def test_a_full_disk_mid_run_names_the_last_good_checkpoint(tmp_path, capsys, mo
     assert not (out / "completed").exists()
 
 
+@needs_tiny
+def test_a_full_disk_in_ppl_predict_merge_keeps_the_old_output(tmp_path, capsys, monkeypatch):
+    """Each script's real writer hits ENOSPC while writing its result: exit 1, one error line, the previous
+    result unchanged, no temporary file left beside it."""
+    import minqlora.loader
+    real_open = builtins.open
+
+    def full(name):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(name))
+
+    def fake_open(file, mode="r", *a, **k):
+        f = real_open(file, mode, *a, **k)
+        if "w" in mode and ".tmp-" in str(file):
+            f.write = lambda data: full(file)
+        return f
+
+    def fake_save(tensors, path, metadata=None):
+        real_open(path, "wb").write(b"half")  # a partial shard, then the disk is full
+        full(path)
+    data, out, adapter = write_records(tmp_path / "d.json", 3), tmp_path / "out", tmp_path / "adapter"
+    assert train_main(fast_args(adapter, data, max_steps=1, save_strategy="no")) == 0  # on a healthy disk
+    out.mkdir()
+    for name in ("p.csv", "p.json", "merged/config.json"):
+        (out / name).parent.mkdir(exist_ok=True)
+        (out / name).write_text("old")
+    common = ["--base_model_path", str(TINY), "--device", "cpu", "--bits", "16"]
+    runs = {"p.csv": lambda: ppl_main([*common, "--test_data_path", str(data), "--per_example_out",
+                                       str(out / "p.csv")]),
+            "p.json": lambda: predict_main([*common, "--test_data_path", str(data), "--output_path",
+                                            str(out / "p.json"), "--max_new_tokens", "2"]),
+            "merged": lambda: load_script("merge").main([*common[:4], "--peft_path", str(adapter), "--output_dir",
+                                                         str(out / "merged"), "--overwrite_output_dir"])}
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(minqlora.loader, "save_file", fake_save)
+    before = snapshot(out)
+    for name, run in runs.items():
+        capsys.readouterr()
+        assert run() == 1, name
+        one_error_line(capsys.readouterr().err, "No space left on device", name)
+        assert snapshot(out) == before, name  # nothing half-written, nothing lost
+
+
 # 5. The adapter records its prompt template; ppl.py and predict.py warn on another, `adapter` uses it.
 def test_prompt_template_recorded_and_chosen(tmp_path):
     from minqlora.adapter import choose_prompt, trained_prompt
