@@ -29,14 +29,21 @@ from .errors import BadInput
 from .loss import IGNORE_INDEX, token_nll
 
 
-def token_weights(window, normalization: str) -> list[torch.Tensor]:
-    """Each micro-batch's per-token weights (B, T-1), zero where a token is not scored."""
+def step_totals(window) -> tuple[int, int]:
+    """(K micro-batches, N target tokens) of a step: the denominators of its loss. Under several processes
+    (distributed.py) each computes on its share of the window but divides by the whole window's totals."""
+    return len(window), sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
+
+
+def token_weights(window, normalization: str, totals: tuple[int, int] | None = None) -> list[torch.Tensor]:
+    """Each micro-batch's per-token weights (B, T-1), zero where a token is not scored; `totals` (K, N):
+    step_totals of the whole step (default: of `window`)."""
+    K, N = totals or step_totals(window)
     scored = [(b["labels"][:, 1:] != IGNORE_INDEX).float() for b in window]  # (B, T-1) each
     if normalization == "token":
-        total = max(sum(float(s.sum()) for s in scored), 1.0)
-        return [s / total for s in scored]
+        return [s / max(N, 1) for s in scored]
     if normalization == "example":
-        return [s / (len(window) * max(float(s.sum()), 1.0)) for s in scored]
+        return [s / (K * max(float(s.sum()), 1.0)) for s in scored]
     raise ValueError(f"loss normalization must be 'example' or 'token', got {normalization!r}")
 
 
@@ -109,10 +116,10 @@ class GraphedLoss:
         return self.graphs[key](ids, labels, w)
 
 
-def graphed(model, window, device, normalization="example", scaler=None, *, graphs: GraphedLoss):
+def graphed(model, window, device, normalization="example", scaler=None, *, graphs: GraphedLoss, totals=None):
     """One pass per micro-batch, each pass's forward and backward replayed from `graphs`; the step's loss."""
     step_loss = torch.zeros((), device=device)
-    for b, w in zip(window, token_weights(window, normalization)):
+    for b, w in zip(window, token_weights(window, normalization, totals)):
         loss = graphs(model, b["input_ids"].to(device), b["labels"].to(device), w.to(device))
         (scaler.scale(loss) if scaler else loss).backward()
         step_loss += loss.detach()
@@ -151,10 +158,10 @@ def pack(window, weights, pad_id: int, pass_tokens: int, multiple: int = 64
 
 
 def packed(model, window, device, normalization="example", scaler=None, *, pad_id: int = 0,
-           pass_tokens: int = 4096) -> torch.Tensor:
+           pass_tokens: int = 4096, totals=None) -> torch.Tensor:
     """The fast path: the same weighted loss and gradient as `plain`, in ceil(tokens / pass_tokens) passes."""
     step_loss = torch.zeros((), device=device)
-    for ids, labels, w in pack(window, token_weights(window, normalization), pad_id, pass_tokens):
+    for ids, labels, w in pack(window, token_weights(window, normalization, totals), pad_id, pass_tokens):
         loss = scored_loss(model, ids, labels, w)
         (scaler.scale(loss) if scaler else loss).backward()
         step_loss += loss.detach()

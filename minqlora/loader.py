@@ -45,6 +45,8 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[tor
             raise BadInput(f"--device {device!r}: expected auto, cpu, cuda or cuda:N") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise BadInput(f"--device {device}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is None and torch.distributed.is_initialized():
+        dev = torch.device("cuda", torch.cuda.current_device())  # torchrun: this process's GPU (distributed.start)
     if dtype == "auto":
         return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
     if dtype not in DTYPES:

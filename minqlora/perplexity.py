@@ -32,14 +32,20 @@ from .loss import IGNORE_INDEX, causal_lm_loss, token_nll
 
 
 @torch.inference_mode()
-def eval_loss(model, examples, batch_size, pad_id, device) -> float:
-    """Mean NLL over every target token of the eval set (training's truncation and prompt)."""
+def eval_nll(model, examples, batch_size, pad_id, device) -> tuple[float, int]:
+    """(summed NLL, target tokens) over the eval examples (training's truncation and prompt)."""
     total, count = 0.0, 0
     with eval_mode(model):
         for i in range(0, len(examples), batch_size):
             b = collate(examples[i:i + batch_size], pad_id)
             s, n = causal_lm_loss(model(b["input_ids"].to(device)), b["labels"].to(device), reduction="sum")
             total, count = total + s.item(), count + n.item()
+    return total, count
+
+
+def eval_loss(model, examples, batch_size, pad_id, device) -> float:
+    """Mean NLL over every target token of the eval set."""
+    total, count = eval_nll(model, examples, batch_size, pad_id, device)
     return total / max(count, 1)
 
 

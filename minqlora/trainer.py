@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from . import accumulate
 from . import checkpoint as ckpt
+from . import distributed
 from .atomic import atomic_file
 from .chat import prompt_for
 from .config import LlamaConfig
@@ -37,9 +38,9 @@ from .data import DataOrder, Prompt, collate
 from .errors import Interrupted, TrainingError
 from .loader import load_model, resolve_device_dtype, weight_files
 from .lora import apply_lora
-from .loss import IGNORE_INDEX, causal_lm_loss
+from .loss import causal_lm_loss
 from .optim import build_optimizer, build_scheduler, describe_schedule, quiet_cpu_paging, warmup_steps_for
-from .perplexity import eval_loss, mean_perplexity, perplexities
+from .perplexity import eval_nll, mean_perplexity, perplexities
 from .tokenizer import Tokenizer
 from .train_args import RunArgs, dtype_name, lora_targets, training_data
 
@@ -50,7 +51,17 @@ MEMORY_HINT = ("out of GPU memory. Flags that lower memory: --per_device_train_b
 
 
 def say(msg):
-    tqdm.write(msg)
+    if distributed.is_main():  # under torchrun, process 0 speaks for all
+        tqdm.write(msg)
+
+
+class NoLog:
+    """The log of a process other than 0 (distributed.py): process 0 writes log.jsonl."""
+    def write(self, **rec):
+        pass
+
+    def close(self):
+        pass
 
 
 @dataclass
@@ -97,12 +108,13 @@ class Run:
     step_rng: dict | None = None  # the RNG state right after the last step: what a checkpoint restores
     pass_tokens: int = 0  # the packed fast path's tokens a pass (0: one pass per micro-batch)
     graphs: accumulate.GraphedLoss | None = None  # the CUDA-graph fast path (--cuda_graphs)
+    world: distributed.World = distributed.World()  # the processes torchrun started (one without it)
 
     def elapsed(self):
         return round(self.state.elapsed + time.perf_counter() - self.started, 2)
 
 
-def setup(a: RunArgs, progress: bool) -> Run:
+def setup(a: RunArgs, progress: bool, world: distributed.World) -> Run:
     """Model, data, optimizer and resume: every input is checked before the model loads, and a previous
     run's files go (--overwrite_output_dir) only once it and any checkpoint to resume have loaded."""
     m, d, t = a.model, a.data, a.train
@@ -125,8 +137,9 @@ def setup(a: RunArgs, progress: bool) -> Run:
     tok = Tokenizer.from_dir(m.model_name_or_path)
     data_seed = t.data_seed if t.data_seed is not None else t.seed
     train_ex, eval_ex, eval_records, audits = training_data(a, tok, context=context, progress=progress)
-    order = DataOrder([e.length for e in train_ex], t.per_device_train_batch_size, t.gradient_accumulation_steps,
-                      seed=data_seed, group_by_length=t.group_by_length)
+    # A step is K micro-batches on each of the W processes: the order of one process accumulating K x W.
+    order = DataOrder([e.length for e in train_ex], t.per_device_train_batch_size,
+                      t.gradient_accumulation_steps * world.size, seed=data_seed, group_by_length=t.group_by_length)
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * order.steps_per_epoch)
     metric_prompt = prompt_for(d.eval_prompt_template or d.prompt_template or d.dataset_format, m.model_name_or_path)
 
@@ -153,21 +166,27 @@ def setup(a: RunArgs, progress: bool) -> Run:
     run = Run(args=a, out=out, device=device, model=model, tok=tok, params=params, lora=lora, opt=opt, sched=sched,
               scaler=scaler, schedule=schedule, order=order, train_ex=train_ex, eval_ex=eval_ex,
               eval_records=eval_records, metric_prompt=metric_prompt, total_steps=total_steps, state=RunState(),
-              started=started)
+              started=started, world=world)
     run.pass_tokens, run.graphs = pass_tokens, accumulate.GraphedLoss(tok.pad_id) if use_graphs else None
     say(f"training passes: {fast}")
     if resume is not None:  # loads and checks the checkpoint; refuses before any file is touched
         ckpt.resume_run(run, resume, hyper, say)
-    removed = ckpt.prepare_output_dir(out, overwrite=t.overwrite_output_dir, resuming=resume is not None,
-                                      resume_from=resume)
-    if removed:
-        say(f"--overwrite_output_dir: deleted the previous run's {', '.join(removed)} in {out}")
-    if resume is not None:
-        ckpt.restore_best(run, resume, say)
-        (out / "completed").unlink(missing_ok=True)  # written again when this run completes
+    distributed.barrier(world)  # every process has checked the folder and the checkpoint before one changes
+    if world.main:  # process 0 writes the files; the others wait for its decisions
+        removed = ckpt.prepare_output_dir(out, overwrite=t.overwrite_output_dir, resuming=resume is not None,
+                                          resume_from=resume)
+        if removed:
+            say(f"--overwrite_output_dir: deleted the previous run's {', '.join(removed)} in {out}")
+        if resume is not None:
+            ckpt.restore_best(run, resume, say)
+            (out / "completed").unlink(missing_ok=True)  # written again when this run completes
+    best = (run.state.best_step, run.state.best_ppl, run.state.best_loss, run.state.bad_evals)
+    (run.state.best_step, run.state.best_ppl, run.state.best_loss, run.state.bad_evals) = \
+        distributed.from_main(best, world)  # restore_best may have forgotten a best no longer on disk
 
     fresh = resume is None or not (out / "log.jsonl").exists()  # a new run, or resumed into a new folder
-    run.log = RunLog(out / "log.jsonl", keep_until_step=None if fresh else run.state.step)
+    fresh = distributed.from_main(fresh, world)
+    run.log = RunLog(out / "log.jsonl", keep_until_step=None if fresh else run.state.step) if world.main else NoLog()
     if fresh:
         with atomic_file(out / "run_config.json") as f:
             json.dump(a.to_dict(), f, indent=2)
@@ -176,30 +195,37 @@ def setup(a: RunArgs, progress: bool) -> Run:
     run.log.write(event="start", step=run.state.step, total_steps=total_steps,
                   resumed_from=str(resume) if resume else None, train_examples=len(train_ex),
                   eval_examples=len(eval_ex or []), device=str(device), dtype=str(dtype).removeprefix("torch."),
-                  steps_per_epoch=order.steps_per_epoch)
+                  steps_per_epoch=order.steps_per_epoch, processes=world.size)
+    if world.size > 1:
+        say(f"{world.size} processes: each step takes {t.gradient_accumulation_steps} micro-batches of "
+            f"{t.per_device_train_batch_size} on each, {order.accum * t.per_device_train_batch_size} examples a step")
     return run
 
 
 def accumulate_gradients(model, window, device, normalization="example", scaler=None, *, pad_id=0,
-                         pass_tokens=0, graphs=None) -> torch.Tensor:
+                         pass_tokens=0, graphs=None, totals=None) -> torch.Tensor:
     """Forward and backward each micro-batch of one optimizer step; return the step's loss (detached).
 
     example: each micro-batch's mean over its own target tokens, / K;  token: the sum over all target
-    tokens of the K micro-batches / their count, counted before the first backward. The fast paths of
-    accumulate.py compute the same gradient: packed passes (pass_tokens > 0) or CUDA graphs (graphs)."""
+    tokens of the K micro-batches / their count, counted before the first backward. `totals` (K, N): the
+    whole step's, when `window` is one process's share of it (default: the window's own). The fast paths
+    of accumulate.py compute the same gradient: packed passes (pass_tokens > 0) or CUDA graphs (graphs)."""
+    if not window:  # this process's share of a step's short last window can be empty
+        return torch.zeros((), device=device)
     if pass_tokens > 0:
-        return accumulate.packed(model, window, device, normalization, scaler, pad_id=pad_id, pass_tokens=pass_tokens)
+        return accumulate.packed(model, window, device, normalization, scaler, pad_id=pad_id,
+                                 pass_tokens=pass_tokens, totals=totals)
     if graphs is not None:
-        return accumulate.graphed(model, window, device, normalization, scaler, graphs=graphs)
-    n_target = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
+        return accumulate.graphed(model, window, device, normalization, scaler, graphs=graphs, totals=totals)
+    K, N = totals or accumulate.step_totals(window)
     step_loss = torch.zeros((), device=device)
     for b in window:
         logits = model(b["input_ids"].to(device))  # (B, T, V)
         labels = b["labels"].to(device)
         if normalization == "token":
-            loss = causal_lm_loss(logits, labels, reduction="sum")[0] / max(n_target, 1)
+            loss = causal_lm_loss(logits, labels, reduction="sum")[0] / max(N, 1)
         else:
-            loss = causal_lm_loss(logits, labels, reduction="mean") / len(window)
+            loss = causal_lm_loss(logits, labels, reduction="mean") / K
         (scaler.scale(loss) if scaler else loss).backward()
         step_loss += loss.detach()
     return step_loss
@@ -212,8 +238,15 @@ def train_step(run: Run) -> tuple[float, float, float, int]:
     window = [collate([run.train_ex[i] for i in idx], run.tok.pad_id) for idx in run.order.window()]
     if not window:  # resume_run refuses a position past the data; reaching this is a bug
         raise RuntimeError(f"empty step at epoch {run.order.epoch}, micro-batch {run.order.pos}")
-    step_loss = accumulate_gradients(run.model, window, run.device, t.loss_normalization, scaler,
-                                     pad_id=run.tok.pad_id, pass_tokens=run.pass_tokens, graphs=run.graphs)
+    # This process's micro-batches of the step, weighed by the whole step's counts (distributed.py).
+    step_loss = accumulate_gradients(run.model, distributed.shard(window, run.world), run.device,
+                                     t.loss_normalization, scaler, pad_id=run.tok.pad_id,
+                                     pass_tokens=run.pass_tokens, graphs=run.graphs,
+                                     totals=accumulate.step_totals(window))
+    # Several processes: sum their gradients once, after the last micro-batch, and their losses.
+    distributed.reduce_gradients(run.params, run.world)
+    if run.world.size > 1:
+        step_loss = torch.tensor(distributed.sum_all([step_loss.item()], run.world, run.device)[0])
     if scaler:
         scaler.unscale_(run.opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
@@ -245,16 +278,21 @@ def train_step(run: Run) -> tuple[float, float, float, int]:
 
 def evaluate(run: Run):
     """Eval loss and the course metric (mean perplexity); a new best goes to OUTPUT_DIR/best."""
-    t, st, t0 = run.args.train, run.state, time.perf_counter()
-    loss = eval_loss(run.model, run.eval_ex, t.per_device_eval_batch_size, run.tok.pad_id, run.device)
-    ppl = mean_perplexity(perplexities(  # the course cuts at 2048 tokens; never past the context
-        run.model, run.tok, run.eval_records, run.metric_prompt, batch_size=t.per_device_eval_batch_size,
-        max_length=min(2048, run.model.config.max_position_embeddings), progress=False))
+    t, st, t0, world = run.args.train, run.state, time.perf_counter(), run.world
+    # Each process scores its share of the examples (distributed.shard); the sums and lists are gathered.
+    total, count = distributed.sum_all(eval_nll(run.model, distributed.shard(run.eval_ex, world),
+                                                t.per_device_eval_batch_size, run.tok.pad_id, run.device),
+                                       world, run.device)
+    loss = total / max(count, 1)
+    ppl = mean_perplexity(distributed.gather(perplexities(  # the course cuts at 2048 tokens; never past the context
+        run.model, run.tok, distributed.shard(run.eval_records, world), run.metric_prompt,
+        batch_size=t.per_device_eval_batch_size, max_length=min(2048, run.model.config.max_position_embeddings),
+        progress=False), world))
     better = math.isfinite(ppl) and (st.best_ppl is None or ppl < st.best_ppl)
     if better:
         st.best_step, st.best_ppl, st.best_loss, st.bad_evals = st.step, ppl, loss, 0
-        path = ckpt.save_best(run.out, run.model, lora=run.lora,
-                              info={"step": st.step, "eval_ppl": ppl, "eval_loss": loss})
+        path = ckpt.save_best(run.out, run.model, lora=run.lora, info={
+            "step": st.step, "eval_ppl": ppl, "eval_loss": loss}) if world.main else run.out / ckpt.BEST
         run.log.write(event="best", step=st.step, path=str(path))
     else:
         st.bad_evals += 1
@@ -263,15 +301,18 @@ def evaluate(run: Run):
                   seconds=round(time.perf_counter() - t0, 2))
     say(f"eval  step {st.step} | eval_loss {loss:.4f} | eval_ppl {ppl:.4f}"
         + (f" | new best -> {path}" if better else f" | best {st.best_ppl or math.nan:.4f} at step {st.best_step}"))
-    redraw_curves(run.out, say)
+    if world.main:
+        redraw_curves(run.out, say)
 
 
 def save(run: Run) -> Path:
     """OUTPUT_DIR/checkpoint-N (adapter, optimizer, schedule, RNG, RunState), then the oldest rotated away."""
     st = run.state
     check_finite(run, f"{ckpt.PREFIX}{st.step}")
+    if not run.world.main:  # the processes hold the same weights and state: process 0 writes them
+        return run.out / f"{ckpt.PREFIX}{st.step}"
     state = {**asdict(st), "epoch": run.order.epoch, "pos": run.order.pos, "elapsed": run.elapsed(),
-             "train_examples": len(run.train_ex),
+             "train_examples": len(run.train_ex), "processes": run.world.size,
              "args": run.args.to_dict(), "schedule": {**run.schedule, "step": run.sched.last_epoch}}
     path = ckpt.save_training_checkpoint(run.out, st.step, run.model, lora=run.lora, optimizer=run.opt,
                                          scheduler=run.sched, scaler=run.scaler, rng=run.step_rng, state=state)
@@ -296,9 +337,10 @@ def due(strategy, every, step, order):
     return (strategy == "steps" and step % every == 0) or (strategy == "epoch" and order.pos == 0)
 
 
-def train(a: RunArgs, *, progress: bool = True) -> dict:
+def train(a: RunArgs, *, progress: bool = True, world: distributed.World = distributed.World()) -> dict:
+    progress = progress and world.main
     try:
-        run = setup(a, progress)
+        run = setup(a, progress, world)
     except torch.OutOfMemoryError:
         raise TrainingError(MEMORY_HINT) from None
     t, st, out = a.train, run.state, run.out
@@ -347,13 +389,14 @@ def train(a: RunArgs, *, progress: bool = True) -> dict:
         summary = dict(step=st.step, stop=stop, best_step=st.best_step, best_eval_ppl=st.best_ppl,
                        elapsed=run.elapsed())
         run.log.write(event="end", **summary)
-        redraw_curves(run.out, say)
-        ckpt.save_final(out, run.model, lora=run.lora, summary=summary)
+        if world.main:
+            redraw_curves(run.out, say)
+            ckpt.save_final(out, run.model, lora=run.lora, summary=summary)
     except KeyboardInterrupt:
         # Ctrl-C: save where the run is (unless saved already), so that it resumes from there.
         bar.close()
         path = out / f"{ckpt.PREFIX}{st.step}"
-        if st.step > 0 and not path.exists():
+        if st.step > 0 and not path.exists() and world.main:
             path = save(run)
         run.log.write(event="interrupted", step=st.step, checkpoint=str(path) if path.exists() else None)
         raise Interrupted(st.step, path if path.exists() else None) from None

@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from minqlora import distributed  # noqa: E402
 from minqlora.atomic import atomic_file  # noqa: E402
 from minqlora.cli import ModelArgs, check_positive, inference_prompt, parse_dataclasses  # noqa: E402
 from minqlora.course import FewShotPrompt, direction_counts, plan_draws  # noqa: E402
@@ -68,34 +69,39 @@ def ppl(m: ModelArgs, args: PplArgs) -> list[float]:
                            balanced=args.balanced, pool_name=args.few_shot_pool or args.test_data_path)
     if args.per_example_out:
         check_output_file_path(args.per_example_out, "--per_example_out")
+    world = distributed.start(m.device)  # under torchrun: records dealt out, process 0 prints and writes
+    progress = args.progress and world.main
+    say = print if world.main else (lambda *a, **k: None)
 
     # 2. Load: the 4-bit base, the adapter on it.
     model, tokenizer = load_with_adapter(m.base_model_path, m.peft_path, bits=m.bits, quant_type=m.quant_type,
                                          double_quant=m.double_quant, dtype=dtype, device=device,
-                                         progress=args.progress)
+                                         progress=progress)
 
     # 3. Run: each draw scores its records with its shots in front of every prompt.
     means, rows = [], []
     for r, (shots, scored) in enumerate(draws, 1):
         p = FewShotPrompt(prompt, shots) if shots else prompt
-        values = perplexities(model, tokenizer, [test[i] for i in scored], p, batch_size=args.batch_size,
-                              max_length=args.max_length, progress=args.progress, source=args.test_data_path)
+        values = distributed.gather(perplexities(
+            model, tokenizer, [test[i] for i in distributed.shard(scored, world)], p, batch_size=args.batch_size,
+            max_length=args.max_length, progress=progress, source=args.test_data_path), world)
         means.append(mean_perplexity(values))
         for i, v in zip(scored, values):
             rows.append({**({"draw": r} if len(draws) > 1 else {}), "id": test[i].get("id"), "index": i,
                          "perplexity": v})
         if shots:
             counts = direction_counts(shots)
-            print(f"Draw {r}/{len(draws)}: {args.few_shot} shots ({counts['modern->classical']} "
+            say(f"Draw {r}/{len(draws)}: {args.few_shot} shots ({counts['modern->classical']} "
                   f"modern->classical, {counts['classical->modern']} classical->modern), "
                   f"{len(scored)} scored, mean perplexity: {means[-1]}")
 
     # 4. Write: the course's line; over several draws their mean and sample std; each example's number.
-    print("Mean perplexity:", math.fsum(means) / len(means))
+    say("Mean perplexity:", math.fsum(means) / len(means))
     if len(draws) > 1:
-        print(f"Std perplexity: {statistics.stdev(means)} (sample std over {len(draws)} draws)")
-    if args.per_example_out:
+        say(f"Std perplexity: {statistics.stdev(means)} (sample std over {len(draws)} draws)")
+    if args.per_example_out and world.main:
         write_per_example(args.per_example_out, rows)
+    distributed.stop(world)
     return means
 
 

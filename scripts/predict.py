@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from minqlora import distributed  # noqa: E402
 from minqlora.atomic import atomic_file  # noqa: E402
 from minqlora.cli import ModelArgs, check_positive, inference_prompt, parse_dataclasses  # noqa: E402
 from minqlora.data import read_records  # noqa: E402
@@ -57,25 +58,32 @@ def predict(m: ModelArgs, args: PredictArgs) -> list[dict]:
         if rec.get("id") is None:
             raise BadInput(f"{path}: record {i} has no 'id' field; predictions are keyed by id")
     check_output_file_path(args.output_path, "--output_path")
+    world = distributed.start(m.device)  # under torchrun: records dealt out, process 0 writes
+    progress = args.progress and world.main
 
     # 2. Load: the 4-bit base, the adapter on it.
     model, tokenizer = load_with_adapter(m.base_model_path, m.peft_path, bits=m.bits, quant_type=m.quant_type,
                                          double_quant=m.double_quant, dtype=dtype, device=device,
-                                         progress=args.progress)
+                                         progress=progress)
 
-    # 3. Run: every prompt checked against the context, then generated in batches of similar length.
+    # 3. Run: every prompt checked against the context, then generated in batches of similar length
+    # (this process's share of the records, gathered back in record order).
     names = [f"{path}: record {i} (id {rec['id']!r})" for i, rec in enumerate(records)]
-    outputs = generate(model, tokenizer, [prompt(r) for r in records], max_new_tokens=args.max_new_tokens,
+    mine = distributed.shard(list(range(len(records))), world)
+    outputs = generate(model, tokenizer, [prompt(records[i]) for i in mine], max_new_tokens=args.max_new_tokens,
                        batch_size=args.batch_size, do_sample=args.do_sample, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                       seed=args.seed, names=names, progress=args.progress)
+                       seed=args.seed, names=[names[i] for i in mine], progress=progress)
+    outputs = distributed.gather(outputs, world)
 
     # 4. Write, under a temporary name renamed when complete.
     result = [{"id": rec["id"], "output": out} for rec, out in zip(records, outputs)]
-    with atomic_file(args.output_path) as f:
-        json.dump(result, f, ensure_ascii=False, indent=2)
-        f.write("\n")
-    print(f"Wrote {len(result)} predictions to {args.output_path}")
+    if world.main:
+        with atomic_file(args.output_path) as f:
+            json.dump(result, f, ensure_ascii=False, indent=2)
+            f.write("\n")
+        print(f"Wrote {len(result)} predictions to {args.output_path}")
+    distributed.stop(world)
     return result
 
 

@@ -4,6 +4,7 @@
     python scripts/train.py --model_name_or_path weights/Taiwan-LLM-7B-v2.0-chat --dataset data/train.json \\
         --dataset_format alpaca --output_dir output/run1 --bf16 ...   # any qlora.py command line
     python scripts/train.py --output_dir output/run1 --resume_from_checkpoint latest
+    torchrun --nproc_per_node 2 scripts/train.py <the same flags>   # data parallel on 2 GPUs
 
 Exit status: 0 done; 2 bad input (flags, data, model folder, output_dir, checkpoint), found before the
 first step, nothing written; 1 training failed once started (loss or weights NaN/inf, out of memory, or
@@ -31,15 +32,20 @@ DESCRIPTION = ("Fine-tune a Llama-family model with QLoRA. Flags, names and defa
 
 
 def run(argv):
+    from minqlora import distributed
     from minqlora.qlora_compat import no_effect_note
     from minqlora.train_args import parse_args
     from minqlora.trainer import train
 
     _, args = parse_args(argv, prog="train.py", description=DESCRIPTION)
+    world = distributed.start(args.model.device)  # one process, or torchrun's (minqlora/distributed.py)
     note = no_effect_note(argv)
-    if note:
+    if note and world.main:
         print(note)
-    result = train(args)
+    result = train(args, world=world)
+    distributed.stop(world)
+    if not world.main:
+        return
     out = Path(result["output_dir"])
     earlier = f" ({result['elapsed']:.0f} s with the earlier sessions)" if result["resumed"] else ""
     print(f"done: {result['step']} steps ({result['stop']}) in {result['session']:.0f} s{earlier}")

@@ -1,0 +1,142 @@
+"""Data parallelism over the processes `torchrun` starts: each holds the whole 4-bit model, takes its share of
+every optimizer step's micro-batches, and the LoRA gradients are summed across processes once a step.
+
+    torchrun --nproc_per_node 2 scripts/train.py <the same flags>
+
+The environment is torchrun's (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT); without it there is one
+process and nothing here does anything. Backend: NCCL on GPUs (process LOCAL_RANK on cuda:LOCAL_RANK),
+gloo on the CPU. What the trainer and the scripts do with a World:
+- training: a step's window of K x W micro-batches (K = --gradient_accumulation_steps, W processes) is
+  dealt out, micro-batch i to process i mod W; each process weighs its tokens by the whole step's counts
+  (accumulate.step_totals), so the sum of the processes' gradients is the gradient one process with
+  accumulation K x W computes; `reduce_gradients` sums them once, after the last micro-batch (no
+  communication on the micro-steps in between), then every process clips and steps the same optimizer
+  on the same numbers, and the replicas stay equal;
+- evaluation, ppl.py and predict.py: record i to process i mod W (`shard`), the results gathered back in
+  record order (`gather`);
+- only process 0 (`main`) writes files and prints; every process reads the same checkpoint to resume.
+This is DistributedDataParallel's arithmetic, written as one explicit all-reduce of a flat buffer instead
+of torch's DDP wrapper, whose hooks overlap communication with the backward pass: here that is ~160M fp32
+LoRA numbers once a step, milliseconds against a step of seconds, and the explicit call works unchanged
+under gradient checkpointing, packed passes and CUDA-graphed passes (accumulate.py).
+No paper section; checked in tests/test_distributed.py (2 gloo processes against 1 process).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import BadInput
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def start(device: str = "auto") -> World:
+    """Join torchrun's process group (a no-op for a single process). `device` is the --device flag: under
+    torchrun a GPU process uses cuda:LOCAL_RANK, so cuda:N is refused."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World()
+    if dist.is_initialized():
+        return current()
+    rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda:"):
+        raise BadInput(f"--device {device}: under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda "
+                       "(or auto) and choose the GPUs with CUDA_VISIBLE_DEVICES")
+    gpu = device != "cpu" and torch.cuda.is_available()
+    if gpu:
+        torch.cuda.set_device(local)  # before the process group, so that NCCL binds this GPU
+    dist.init_process_group("nccl" if gpu else "gloo")
+    return World(rank, size, local)
+
+
+def current() -> World:
+    if not dist.is_initialized():
+        return World()
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def is_main() -> bool:
+    return current().main
+
+
+def stop(world: World):
+    """Leave the process group once every process is here (process 0 may still be writing)."""
+    if world.size > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier(world: World):
+    if world.size > 1:
+        dist.barrier()
+
+
+def shard(items: list, world: World) -> list:
+    """This process's items: every W-th, from its rank (lengths stay balanced when items are sorted)."""
+    return items[world.rank::world.size]
+
+
+def gather(local: list, world: World) -> list:
+    """Undo `shard`: every process's results, back in the order of the items they were computed from."""
+    if world.size == 1:
+        return list(local)
+    parts = [None] * world.size
+    dist.all_gather_object(parts, local)
+    out = [None] * sum(len(p) for p in parts)
+    for r, part in enumerate(parts):
+        out[r::world.size] = part
+    return out
+
+
+def from_main(value, world: World):
+    """Process 0's `value` on every process (a decision made where the files are written)."""
+    if world.size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def sum_all(values: list[float], world: World, device) -> list[float]:
+    """Elementwise sum of `values` over the processes (eval loss totals, a step's loss)."""
+    if world.size == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def reduce_gradients(params: list[torch.Tensor], world: World, bucket: int = 1 << 25):
+    """Sum every parameter's .grad over the processes, through flat buffers of at most `bucket` numbers
+    (128 MB in fp32): a few all-reduces a step, not one per tensor. A parameter without a gradient on
+    this process (it saw no micro-batch) contributes zeros."""
+    if world.size == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    group, size = [], 0
+    for i, p in enumerate(params):
+        group.append(p)
+        size += p.numel()
+        if size >= bucket or i == len(params) - 1:
+            flat = torch.cat([q.grad.reshape(-1) for q in group])  # (size,)
+            dist.all_reduce(flat)
+            offset = 0
+            for q in group:
+                q.grad.copy_(flat[offset:offset + q.numel()].view_as(q.grad))
+                offset += q.numel()
+            group, size = [], 0

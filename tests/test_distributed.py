@@ -1,0 +1,112 @@
+"""Several processes (issue 10), on the CPU with 2 gloo processes started by torchrun: the adapter after K
+steps on 2 processes equals the adapter after K steps on 1 with twice the accumulation (the same global
+batch); checkpoint and resume under 2 processes continue exactly; a process that fails makes the whole
+run exit non-zero; ppl.py and predict.py give the one-process numbers and outputs, in record order."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from _fixtures_train import ROOT, TINY, fast_args, needs_tiny, train_main, write_records
+
+pytestmark = [needs_tiny, pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")]
+
+
+def torchrun(script, argv, n=2, timeout=240):
+    """`torchrun --standalone --nproc_per_node n script argv` on the CPU; (exit status, stdout + stderr)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           str(script), *map(str, argv)]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return p.returncode, p.stdout + p.stderr
+
+
+def adapter(folder):
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def assert_same_adapter(a, b, atol=1e-6):
+    wa, wb = adapter(a), adapter(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=atol, msg=k)
+
+
+ARGS = dict(lora_dropout=0.0, per_device_train_batch_size=2, max_steps=4, save_steps=2, logging_steps=1,
+            group_by_length=True, eval_dataset_size=4, do_eval=True, evaluation_strategy="steps", eval_steps=2)
+
+
+@pytest.mark.parametrize("normalization", ["example", "token"])
+def test_two_processes_equal_one_with_twice_the_accumulation(tmp_path, normalization):
+    data = write_records(tmp_path / "d.json", 20)
+    one, two = tmp_path / "one", tmp_path / "two"
+    flags = dict(ARGS, loss_normalization=normalization)
+    assert train_main(fast_args(one, data, gradient_accumulation_steps=2, **flags)) == 0
+    rc, out = torchrun(ROOT / "scripts/train.py", fast_args(two, data, gradient_accumulation_steps=1, **flags))
+    assert rc == 0, out
+    assert_same_adapter(one, two)
+    log1, log2 = ([json.loads(x) for x in (d / "log.jsonl").read_text().splitlines()] for d in (one, two))
+    losses = [[(r["step"], r["loss"]) for r in log if "loss" in r] for log in (log1, log2)]
+    assert [s for s, _ in losses[0]] == [s for s, _ in losses[1]] == [1, 2, 3, 4]
+    for (_, l1), (_, l2) in zip(*losses):
+        assert l1 == pytest.approx(l2, rel=1e-5)
+    evals = [[(r["eval_loss"], r["eval_ppl"]) for r in log if "eval_ppl" in r] for log in (log1, log2)]
+    assert len(evals[0]) == len(evals[1]) == 2
+    for e1, e2 in zip(*evals):  # evaluation sharded over 2 processes and gathered: the one-process number
+        assert e1 == pytest.approx(e2, rel=1e-5)
+    start = next(r for r in log2 if r.get("event") == "start")
+    assert start["processes"] == 2 and "2 processes" in out
+    assert sorted(p.name for p in two.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2",
+                                                                                       "checkpoint-4"]
+
+
+def test_resume_under_two_processes_continues_exactly(tmp_path):
+    data = write_records(tmp_path / "d.json", 20)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    rc, out = torchrun(ROOT / "scripts/train.py", fast_args(straight, data, gradient_accumulation_steps=1, **ARGS))
+    assert rc == 0, out
+    rc, out = torchrun(ROOT / "scripts/train.py", [
+        *fast_args(resumed, data, gradient_accumulation_steps=1, **ARGS),
+        "--resume_from_checkpoint", straight / "checkpoint-2"])
+    assert rc == 0, out
+    assert "resumed from" in out
+    assert_same_adapter(straight, resumed, atol=0)
+
+
+def test_a_failing_process_stops_the_run_non_zero(tmp_path):
+    data = write_records(tmp_path / "d.json", 20)
+    out_dir = tmp_path / "out"
+    rc, out = torchrun(ROOT / "tests" / "_fail_on_rank1.py",
+                       fast_args(out_dir, data, gradient_accumulation_steps=1, **ARGS), timeout=180)
+    assert rc != 0, out
+    assert "the disk failed on process 1" in out
+    assert sorted(p.name for p in out_dir.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2"]
+    assert not (out_dir / "completed").exists()
+    assert not list(out_dir.glob(".*tmp*"))
+
+
+def test_ppl_and_predict_shard_and_keep_record_order(tmp_path):
+    records = json.loads((ROOT / "data/example/test.json").read_text(encoding="utf-8"))[:7]
+    test = tmp_path / "t.json"
+    test.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    common = ["--base_model_path", TINY, "--device", "cpu", "--test_data_path", test, "--progress", "False"]
+    outs = {}
+    for n in (1, 2):
+        rc, out = torchrun(ROOT / "scripts/ppl.py", [*common, "--batch_size", 2,
+                                                     "--per_example_out", tmp_path / f"ppl{n}.json"], n=n)
+        assert rc == 0, out
+        assert out.count("Mean perplexity:") == 1  # process 0 prints
+        outs[n] = out
+        rc, out = torchrun(ROOT / "scripts/predict.py", [*common, "--max_new_tokens", 4,
+                                                         "--output_path", tmp_path / f"pred{n}.json"], n=n)
+        assert rc == 0, out
+    p1, p2 = (json.loads((tmp_path / f"ppl{n}.json").read_text()) for n in (1, 2))
+    assert [r["id"] for r in p1] == [r["id"] for r in p2] == [r["id"] for r in records]
+    for a, b in zip(p1, p2):
+        assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-5)
+    d1, d2 = (json.loads((tmp_path / f"pred{n}.json").read_text()) for n in (1, 2))
+    assert d1 == d2 and [r["id"] for r in d1] == [r["id"] for r in records]
