@@ -2,12 +2,15 @@
 minqlora on the same card, the same random Llama-2-7B-shaped checkpoint, in one run; one table, one JSON.
 
     python bench/bench.py --shared SHARED --out OUT_DIR
+    python bench/bench.py --shared SHARED --out OUT_DIR --skip_peer --lines L1 --gpus 2   # several GPUs
 
 SHARED holds the peer's scripts (bench/hf_qlora_baseline.py, bench/hf_real_workload.py), the course data
 (data/adl2023-hw3/) and the Llama-2 tokenizer (tokenizers/llama2/): the project's shared folder, or a copy.
 The peer's baseline writes the checkpoint (--ckpt) once; then the peer's real-workload lines
 (bench/peer_real.py), then minqlora (bench/bench_qlora.py), each in its own process so that peaks and host
 memory are each one's own. A line whose correctness gate fails prints FAIL instead of a ratio.
+--gpus W adds T2 and T3 of the data-parallel step (bench/bench_ddp.py under torchrun) on 1 and on W GPUs
+of this host, and the speed-up.
 """
 import argparse
 import json
@@ -82,6 +85,24 @@ def table(peer, mine, gates, ceiling_tflops):
     return "\n".join(out)
 
 
+def several_gpus(py, w, args, shared, out):
+    """bench_ddp.py on 1 and on w processes; a table of T2 and T3 tokens/s and the speed-up."""
+    runs = {}
+    for n in (1, w):
+        runs[n] = run([py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                       HERE / "bench_ddp.py", "--ckpt", args.ckpt, "--shared", shared, "--steps", args.steps],
+                      out / f"ddp_{n}.log")
+    gate = next((r for r in runs[w] if r.get("event") == "gate"), None)
+    rows = [f"| line | 1 GPU | {w} GPUs | speed-up | peak GiB a GPU (1 / {w}) |", "|---|---|---|---|---|"]
+    for line in ("T2", "T3"):
+        one, many = ({r["line"]: r for r in runs[n] if r.get("event") == "train"}.get(line) for n in (1, w))
+        if one and many:
+            ratio = "FAIL" if not (gate and gate["ok"]) else f"{many['tokens_per_s'] / one['tokens_per_s']:.2f}x"
+            rows.append(f"| {line} (tokens/s) | {one['tokens_per_s']} | {many['tokens_per_s']} | {ratio} | "
+                        f"{one['peak_gib']} / {many['peak_gib']} |")
+    return "\n".join(rows), {"gate": gate, "runs": runs}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shared", required=True, help="folder with bench/, data/adl2023-hw3/, tokenizers/llama2/")
@@ -93,6 +114,7 @@ def main():
     ap.add_argument("--skip_peer_real", action="store_true", help="the peer's baseline lines only (no T3, E2)")
     ap.add_argument("--lines", default=None, help="minqlora's lines to run (bench_qlora.py --lines)")
     ap.add_argument("--profile", default=None, help="write torch profiles of minqlora's steps to this folder")
+    ap.add_argument("--gpus", type=int, default=1, help="also T2/T3 of the data-parallel step on 1 and this many GPUs")
     args = ap.parse_args()
     shared, out = Path(args.shared).resolve(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,6 +132,7 @@ def main():
     mine = run([py, HERE / "bench_qlora.py", "--ckpt", args.ckpt, "--shared", shared, "--steps", args.steps,
                 "--t3_records", args.t3_records] + (["--lines", args.lines] if args.lines else [])
                + (["--profile", args.profile] if args.profile else []), out / "minqlora.log")
+    ddp_md, ddp = several_gpus(py, args.gpus, args, shared, out) if args.gpus > 1 else ("", None)
     gates = {r["line"]: bool(r["ok"]) for r in mine if r.get("event") == "gate"}
     p_e2 = next((r for r in peer if r.get("event") == "E2_course_ppl"), None)
     m_e2 = next((r for r in mine if r.get("event") == "E2_course_ppl"), None)
@@ -121,13 +144,18 @@ def main():
     ceiling = next((r["bf16_matmul_tflops"] for r in peer if r.get("event") == "ceilings"), 792.0)
     md = table(peer, mine, gates, ceiling)
     env = next((r for r in mine if r.get("event") == "env"), {})
-    (out / "table.md").write_text(md + "\n")
+    (out / "table.md").write_text(md + "\n" + (f"\n{ddp_md}\n" if ddp else ""))
     (out / "results.json").write_text(json.dumps({"env": env, "peer": peer, "minqlora": mine, "gates": gates,
-                                                  "bf16_matmul_tflops": ceiling}, indent=1))
+                                                  "bf16_matmul_tflops": ceiling, "several_gpus": ddp}, indent=1))
     print(f"\n{env.get('gpu')} | torch {env.get('torch')} | bitsandbytes {env.get('bnb')} | "
           f"bf16 matmul ceiling {ceiling} TFLOP/s")
     print("gates:", ", ".join(f"{k} {'ok' if v else 'FAIL'}" for k, v in gates.items()))
     print(md)
+    if ddp:
+        g = ddp["gate"] or {}
+        print(f"\nseveral GPUs: gate (fp32, {args.gpus} processes against one computing the whole window): "
+              f"loss rel {g.get('loss_rel')}, grad cosine {g.get('grad_cos')}: {'ok' if g.get('ok') else 'FAIL'}")
+        print(ddp_md)
 
 
 if __name__ == "__main__":

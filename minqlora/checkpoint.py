@@ -251,6 +251,10 @@ def resume_run(run, resume: Path, hyper: dict, say):
     saved, rng = load_training_checkpoint(resume, run.model, optimizer=run.opt, scaler=run.scaler, check=check)
     for warning in flag_changes(saved.get("args", {}), run.args.to_dict(), resume):
         say(warning)
+    was = saved.get("processes", 1)
+    if was != run.world.size:
+        say(f"warning: {resume} was trained with {was} process(es), this run has {run.world.size}: the data "
+            f"position is kept, the effective batch is now {run.world.size}/{was} of what it was")
     names = [f.name for f in dataclasses.fields(run.state)]
     run.state = st = type(run.state)(**{k: saved[k] for k in names if k in saved})
     for group in run.opt.param_groups:

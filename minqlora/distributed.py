@@ -58,7 +58,7 @@ def start(device: str = "auto") -> World:
     gpu = device != "cpu" and torch.cuda.is_available()
     if gpu:
         torch.cuda.set_device(local)  # before the process group, so that NCCL binds this GPU
-    dist.init_process_group("nccl" if gpu else "gloo")
+    dist.init_process_group("nccl" if gpu else "gloo", device_id=torch.device("cuda", local) if gpu else None)
     return World(rank, size, local)
 
 

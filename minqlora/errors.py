@@ -27,11 +27,12 @@ class TrainingError(RuntimeError):
 
 
 class Interrupted(Exception):
-    """Ctrl-C during training; `path` is the checkpoint saved to resume from (None: no step done)."""
+    """Ctrl-C during training; `path` is the checkpoint saved to resume from (None: no step done).
+    `quiet`: a process other than torchrun's process 0, which speaks for the run."""
 
-    def __init__(self, step, path):
+    def __init__(self, step, path, quiet=False):
         super().__init__(f"interrupted after step {step}")
-        self.step, self.path = step, path
+        self.step, self.path, self.quiet = step, path, quiet
 
 
 def close_progress_bars():
@@ -60,6 +61,8 @@ def run_main(program, *args) -> int:
         program(*args)
     except Interrupted as e:
         close_progress_bars()
+        if e.quiet:
+            return 130
         where = f"; checkpoint {e.path}" if e.path else "; no step completed, nothing saved"
         print(f"interrupted after step {e.step}{where}. Continue with the same flags plus "
               "--resume_from_checkpoint latest", file=sys.stderr)

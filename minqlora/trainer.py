@@ -399,7 +399,7 @@ def train(a: RunArgs, *, progress: bool = True, world: distributed.World = distr
         if st.step > 0 and not path.exists() and world.main:
             path = save(run)
         run.log.write(event="interrupted", step=st.step, checkpoint=str(path) if path.exists() else None)
-        raise Interrupted(st.step, path if path.exists() else None) from None
+        raise Interrupted(st.step, path if path.exists() else None, quiet=not world.main) from None
     except torch.OutOfMemoryError:
         run.log.write(event="out_of_memory", step=st.step)
         raise TrainingError(f"at step {st.step + 1}: {MEMORY_HINT}") from None

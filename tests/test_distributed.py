@@ -4,8 +4,10 @@ batch); checkpoint and resume under 2 processes continue exactly; a process that
 run exit non-zero; ppl.py and predict.py give the one-process numbers and outputs, in record order."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -110,3 +112,29 @@ def test_ppl_and_predict_shard_and_keep_record_order(tmp_path):
         assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-5)
     d1, d2 = (json.loads((tmp_path / f"pred{n}.json").read_text()) for n in (1, 2))
     assert d1 == d2 and [r["id"] for r in d1] == [r["id"] for r in records]
+
+
+def test_ctrl_c_stops_every_process_and_process_0_saves(tmp_path):
+    """Ctrl-C reaches every process (the terminal signals the whole group): process 0 saves where the run
+    is, the others stop quietly, and the run resumes from that checkpoint under 2 processes."""
+    data, out = write_records(tmp_path / "d.json", 40), tmp_path / "out"
+    argv = fast_args(out, data, max_steps=400, save_steps=5, lora_dropout=0.0, gradient_accumulation_steps=1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "scripts/train.py", *map(str, argv)]
+    p = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 180
+    while not (out / "checkpoint-5").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.1)
+    os.killpg(p.pid, signal.SIGINT)
+    text, _ = p.communicate(timeout=120)
+    assert p.returncode != 0, text
+    saved = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r.get("event") == "interrupted"]
+    assert len(saved) == 1 and saved[0]["checkpoint"] is not None, text  # process 0 logged and saved once
+    step = saved[0]["step"]
+    assert f"interrupted after step {step}; checkpoint {out / f'checkpoint-{step}'}" in text
+    assert "nothing saved" not in text  # process 1 says nothing
+    rc, text = torchrun(ROOT / "scripts/train.py", [*fast_args(out, data, max_steps=step + 2, save_steps=5,
+                                                                 lora_dropout=0.0, gradient_accumulation_steps=1),
+                                                      "--resume_from_checkpoint", "latest"])
+    assert rc == 0 and f"resumed from {out / f'checkpoint-{step}'}" in text, text

@@ -1,0 +1,154 @@
+"""minqlora on several GPUs of one host (issue 10): T2 and T3 tokens/s of the data-parallel training step,
+run under torchrun once with 1 process and once with W; bench/bench.py --gpus W runs both and prints the
+speed-up. The step is trainer.train_step's: the step's window of micro-batches dealt out over the
+processes (distributed.shard), each weighed by the whole window's counts, the LoRA gradients summed once
+(distributed.reduce_gradients), then clipping and paged AdamW on every process.
+
+    torchrun --nproc_per_node W bench/bench_ddp.py --ckpt CKPT --shared SHARED
+
+Per process the setting is one GPU's (as transformers counts it, the effective batch grows with W):
+    T2  a 16 x 256 micro-batch on each process, accumulation 1
+    T3  the course's train.json with the seed's flags: micro-batch 1 x accumulation 16 on each process, over
+        the same first 256 records for every W (W times fewer steps)
+A gate first (W > 1), in fp32 as bench_qlora.py's: the gradient summed over the processes against process 0
+alone computing the whole window (loss within 1e-2 relative, gradient cosine >= 0.999).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bitsandbytes as bnb  # noqa: E402
+import torch  # noqa: E402
+
+from bench_qlora import PASS_TOKENS, compute_in, grads, random_window, sync_time, t3_windows  # noqa: E402
+from minqlora import accumulate, distributed  # noqa: E402
+from minqlora.loader import load_model  # noqa: E402
+from minqlora.lora import apply_lora, lora_modules  # noqa: E402
+from minqlora.tokenizer import Tokenizer  # noqa: E402
+from minqlora.trainer import accumulate_gradients  # noqa: E402
+
+
+def log(world, **kw):
+    if world.main:
+        print(json.dumps({"impl": "minqlora", "processes": world.size, **kw}), flush=True)
+
+
+def backward(model, window, world, device):
+    """trainer.train_step's gradient: this process's share of `window`, the whole window's weights, summed."""
+    loss = accumulate_gradients(model, distributed.shard(window, world), device, "example", pad_id=0,
+                                pass_tokens=PASS_TOKENS, totals=accumulate.step_totals(window))
+    distributed.reduce_gradients([p for p in model.parameters() if p.requires_grad], world)
+    return distributed.sum_all([loss.item()], world, device)[0]
+
+
+def gate(model, world, device, g):
+    window = random_window(g, 1, 256, 8 * world.size)
+    with torch.no_grad():  # a non-zero B (the same on every process: the same seed), so lora_A gets gradients
+        for m in lora_modules(model).values():
+            m.lora_B.weight.normal_(0, 1e-3)
+    for m in lora_modules(model).values():
+        if hasattr(m.lora_dropout, "p"):
+            m.lora_dropout.p = 0.0
+    compute_in(model, torch.float32)
+    model.zero_grad(set_to_none=True)
+    loss = backward(model, window, world, device)
+    together = grads(model)
+    model.zero_grad(set_to_none=True)
+    alone = float(accumulate_gradients(model, window, device, "example", pad_id=0, pass_tokens=PASS_TOKENS))
+    cos = float(torch.nn.functional.cosine_similarity(together, grads(model), dim=0))
+    rel = abs(loss - alone) / abs(alone)
+    log(world, event="gate", line=f"T2 on {world.size} GPUs", dtype="float32", loss_rel=rel, grad_cos=cos,
+        ok=rel <= 1e-2 and cos >= 0.999)
+    compute_in(model, torch.bfloat16)
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.zero_()
+            if hasattr(m.lora_dropout, "p"):
+                m.lora_dropout.p = 0.01
+    torch.cuda.empty_cache()
+
+
+def speed(model, world, device, line, windows):
+    """Tokens/s of every process together over windows[1:] (windows[0] warms up), and process 0's seconds a
+    step in each phase: forward + backward of its share, the gradients' all-reduce, clipping + update."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = bnb.optim.PagedAdamW32bit(params, lr=3e-4, betas=(0.9, 0.999), weight_decay=0.0)
+    model.train()
+    phases = [0.0, 0.0, 0.0]
+
+    def step(window):
+        t0 = sync_time()
+        accumulate_gradients(model, distributed.shard(window, world), device, "example", pad_id=0,
+                             pass_tokens=PASS_TOKENS, totals=accumulate.step_totals(window))
+        t1 = sync_time()
+        distributed.reduce_gradients(params, world)
+        t2 = sync_time()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t3 = sync_time()
+        for i, dt in enumerate((t1 - t0, t2 - t1, t3 - t2)):
+            phases[i] += dt
+
+    step(windows[0])
+    phases[:] = [0.0, 0.0, 0.0]
+    torch.cuda.reset_peak_memory_stats()
+    distributed.barrier(world)
+    t = sync_time()
+    for window in windows[1:]:
+        step(window)
+    dt = sync_time() - t
+    n = len(windows) - 1
+    tokens = sum(int(b["attention_mask"].sum()) for w in windows[1:] for b in w)
+    log(world, event="train", line=line, tokens=tokens, opt_steps=n, tokens_per_s=round(tokens / dt, 1),
+        s_per_opt_step=round(dt / n, 3), s_backward=round(phases[0] / n, 4), s_all_reduce=round(phases[1] / n, 4),
+        s_update=round(phases[2] / n, 4), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--shared", default=None, help="folder with data/adl2023-hw3 and tokenizers/llama2 (T3)")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--t3_records", type=int, default=256, help="T3's records, the same for every W (the first "
+                    "window again as the warm-up)")
+    args = ap.parse_args()
+    world = distributed.start("cuda")
+    device = torch.device("cuda", world.local_rank)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    log(world, event="env", gpu=torch.cuda.get_device_name(device), torch=torch.__version__, bnb=bnb.__version__)
+    torch.manual_seed(0)  # the same LoRA initialisation on every process, as the trainer's seed gives
+    model = load_model(args.ckpt, bits=4, quant_type="nf4", double_quant=True, dtype=torch.bfloat16,
+                       device=device, progress=False)
+    apply_lora(model, r=64, alpha=16, dropout=0.01, targets="all", verbose=world.main)
+    model.model.gradient_checkpointing = True
+    g = torch.Generator().manual_seed(0)  # the same windows on every process: each takes its share
+    if world.size > 1:
+        gate(model, world, device, g)
+    speed(model, world, device, "T2", [random_window(g, 16, 256, world.size) for _ in range(args.steps + 1)])
+    if world.size > 1:  # what the step's one communication costs: the LoRA gradients' all-reduce alone
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            p.grad = torch.ones_like(p)
+        distributed.reduce_gradients(params, world)
+        t = sync_time()
+        for _ in range(5):
+            distributed.reduce_gradients(params, world)
+        ms = (sync_time() - t) / 5 * 1e3
+        n = sum(p.numel() for p in params)
+        log(world, event="all_reduce", numbers=n, ms=round(ms, 2), gb_per_s=round(4 * n / ms / 1e6, 1))
+        model.zero_grad(set_to_none=True)
+    if args.shared:
+        tok = Tokenizer.from_dir(Path(args.shared) / "tokenizers/llama2")
+        records = json.loads((Path(args.shared) / "data/adl2023-hw3/train.json").read_text(encoding="utf-8"))
+        speed(model, world, device, "T3", t3_windows(tok, records[:args.t3_records], 16 * world.size))
+    distributed.stop(world)
+
+
+if __name__ == "__main__":
+    main()
