@@ -20,7 +20,8 @@ pytestmark = [needs_tiny, pytest.mark.skipif(not torch.distributed.is_available(
 
 def torchrun(script, argv, n=2, timeout=240):
     """`torchrun --standalone --nproc_per_node n script argv` on the CPU; (exit status, stdout + stderr)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            str(script), *map(str, argv)]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
