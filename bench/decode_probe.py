@@ -53,6 +53,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="which of VARIANTS, in order")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True  # as bench_qlora.py
     model = load_model(args.ckpt, bits=4, quant_type="nf4", double_quant=True, dtype=torch.bfloat16,
@@ -72,7 +73,8 @@ def main():
     table = Path(args.out) / "decode_ops.txt"
     n, ms = gpu_ops(lambda: generate.model_step(model, cache, tok, pos, key_mask), "eager static step", table)
     log(variant="eager", gpu_ops=n, gpu_ms=ms)
-    for name, options in VARIANTS.items():
+    for name in args.variants.split(","):
+        options = VARIANTS[name]
         generate.COMPILE_OPTIONS, generate._compiled = options, None
         torch._dynamo.reset()
         torch.cuda.synchronize()
