@@ -41,7 +41,7 @@ DECODE_MODES = ("auto", "plain", "static", "graph", "compile")
 CACHE_BUCKET = 256  # "compile": cache slots rounded up to a multiple of this, so one compiled step serves
 # every call in the bucket (a new shape is a new compilation, tens of seconds on a GPU)
 # Inductor's options for "compile". Coordinate-descent tuning also makes inductor write batch-1 matmuls
-# (the fp32 LoRA path's A and B) as reductions fused with their casts, scale and add, as gpt-fast does.
+# (the fp32 LoRA path's A and B, lm_head) as reductions it can fuse with their casts, scale and add (gpt-fast).
 COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 _compiled = None
 
@@ -66,10 +66,13 @@ class Decoder:
     static: the cache's fixed-shape form (every slot, written at a slot tensor), still called eagerly.
     graph: the static step captured once as a CUDA graph and replayed each token: one launch instead of
     a few thousand small ones, which is what bounds batch-1 decoding (the fast path; "auto" on CUDA).
-    compile: the static step through torch.compile (fused elementwise work: about a third of the kernels),
-    then captured as graph is; compiled at the first call of a shape (slow), so chosen only when asked.
-    Static equals plain token for token on CPU, and so does compile (tests/test_generate.py); graph and
-    compile equal plain on the GPU (the benchmark's correctness gate).
+    compile: the static step through torch.compile (elementwise work fused, batch-1 LoRA matmuls as fused
+    reductions), then captured as graph is: ~1.8x graph's tokens/s on an H200 (bench/NOTES.md #10), but the
+    first call of a shape compiles (~100 s for a 7B), so it is chosen only when asked for.
+    Static equals plain token for token on CPU (tests/test_generate.py), graph equals plain bit for bit on the
+    GPU (the benchmark's G1 gate). Compile's fused kernels round differently: its tokens equal plain's in fp32
+    on CPU (the same test; the benchmark's fp32 G1-compile gate is not yet run on a GPU), while in bf16 the
+    first 32 greedy tokens of a random 7B differed on the GPU (near-tied logits), so it is not the default.
     """
 
     def __init__(self, model, cache: KVCache, key_mask, lengths, prompt_len: int, mode: str):

@@ -226,7 +226,7 @@ def test_graphed_forward_pads_buckets_and_copies(models, monkeypatch):
 def test_compiled_decode_equals_plain():
     """decode="compile" (torch.compile over the static step; on the CPU without CUDA graphs) on a 4-bit
     model with LoRA adapters (B non-zero): the same tokens as the plain path, batched with left padding,
-    and a cache of CACHE_BUCKET slots. One layer: one compilation, ~10 s on two cores."""
+    and a cache of CACHE_BUCKET slots. One layer: one compilation, 10-25 s on two cores (cold cache)."""
     import torch.nn as nn
     from minqlora.lora import apply_lora, lora_modules
     from minqlora.nf4 import quantize_linear_weight
