@@ -11,7 +11,8 @@ plain eager path on the same inputs (loss within 1e-2 relative, LoRA-gradient co
     T1-plain   the plain path (batch-1 passes, eager): the speed before the fast paths
     T2         batch 16 x 256 in one pass;  T3 the course's train.json with the seed's flags
     E1/E1b     forward 64 x 256 at batch 1 (CUDA graph) / 16;  E2 the course metric over public_test.json
-    G1         greedy, 64-token prompt, 128 new tokens, compiled + CUDA-graph decode;  L1 load + quantize
+    G1         greedy, 64-token prompt, 128 new tokens, CUDA-graph decode;  G1-compile the same, compiled
+    L1         load + quantize
 """
 import argparse
 import gc
@@ -28,15 +29,14 @@ import torch  # noqa: E402
 
 from minqlora import accumulate  # noqa: E402
 from minqlora.cudagraph import GraphedForward  # noqa: E402
-from minqlora.generate import generate_ids  # noqa: E402
 from minqlora.loader import load_model  # noqa: E402
 from minqlora.lora import apply_lora, lora_modules  # noqa: E402
-from minqlora.model import RMSNorm  # noqa: E402
-from minqlora.nf4 import Linear4bit  # noqa: E402
 from minqlora.loss import IGNORE_INDEX  # noqa: E402
 from minqlora.perplexity import mean_perplexity, perplexities  # noqa: E402
 from minqlora.tokenizer import Tokenizer  # noqa: E402
 from minqlora.trainer import accumulate_gradients  # noqa: E402
+
+from bench_decode import compute_in, g1  # noqa: E402  (this folder: G1 and G1-compile)
 
 ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately "
           "completes the request.\n\n### Instruction:\n{}\n\n### Response: ")
@@ -83,16 +83,6 @@ def configure(model, *, pass_tokens=0, graphs=None):
 
 def grads(model):
     return torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
-
-
-def compute_in(model, dtype):
-    """The dtype every weight computes in: the 4-bit layers' matmuls, embeddings, norms, lm_head (LoRA: fp32)."""
-    for m in model.modules():
-        if isinstance(m, Linear4bit):
-            m.compute_dtype = dtype
-        elif isinstance(m, (torch.nn.Embedding, RMSNorm)) or m is model.lm_head:
-            m.to(dtype)
-    torch.backends.cuda.matmul.allow_tf32 = dtype != torch.float32  # fp32 means fp32 for the gate
 
 
 def gate_train(model, g):
@@ -207,35 +197,6 @@ def e2(model, tok, records, batch_size):
         examples_per_s=round(len(records) / dt, 2), mean_ppl=mean_perplexity(ppl))
 
 
-def g1(model, prompt_len=64, new_tokens=128, fast="compile"):
-    """Greedy decoding at batch 1. Gate: the fast mode's first 32 tokens equal the plain path's (also with a
-    non-zero LoRA B, logged). Its first call compiles: compile_s is that call's time less a steady one's."""
-    prompt = torch.randint(3, 32000, (prompt_len,), generator=torch.Generator().manual_seed(2)).tolist()
-    run = lambda mode, n: generate_ids(model, [prompt], eos_ids=[], max_new_tokens=n, decode=mode)[0]  # noqa: E731
-    plain = run("plain", 32)
-    t = sync_time()
-    first = run(fast, 32)
-    first_s, t = sync_time() - t, sync_time()
-    run(fast, 32)
-    steady_s = sync_time() - t
-    with torch.no_grad():  # the same check with the LoRA path contributing (B is zero in a fresh adapter)
-        for m in lora_modules(model).values():
-            m.lora_B.weight.normal_(0, 1e-3, generator=torch.Generator(device="cuda").manual_seed(3))
-        lora_same = run("plain", 32) == run(fast, 32)
-        for m in lora_modules(model).values():
-            m.lora_B.weight.zero_()
-    log(event="gate", line="G1", decode=fast, same_first_32=plain == first, graph_same_first_32=plain == run("graph", 32),
-        lora_b_same_first_32=lora_same, ok=plain == first)
-    out = {}
-    for mode in ("graph", fast):  # plain: ~8 tokens/s (NOTES.md), 16 s of device time
-        run(mode, 4)
-        t = sync_time()
-        out[mode] = len(run(mode, new_tokens)) / (sync_time() - t)
-    log(event="generate", line="G1", decode=fast, new_tokens=new_tokens, tokens_per_s=round(out[fast], 1),
-        graph_tokens_per_s=round(out["graph"], 1),
-        first_call_s=round(first_s, 1), compile_s=round(first_s - steady_s, 1))
-
-
 def profile(model, g, folder):
     """torch.profiler tables of one T1-strict micro-batch, one T2 pass and one plain decode step."""
     from torch.profiler import ProfilerActivity
@@ -293,7 +254,7 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--t3_records", type=int, default=128)
     ap.add_argument("--e2_batch", type=int, default=32)
-    ap.add_argument("--lines", default="L1,gate,T1,T1-strict,T1-plain,T2,T3,E1,E2,G1")
+    ap.add_argument("--lines", default="L1,gate,T1,T1-strict,T1-plain,T2,T3,E1,E2,G1,G1-compile")
     ap.add_argument("--profile", default=None, help="folder for torch profiles of the steps")
     args = ap.parse_args()
     lines = set(args.lines.split(","))
@@ -343,8 +304,8 @@ def main():
         eval_speed(model, "E1b", 64, 256, 16)
     if "E2" in lines and tok:
         e2(model, tok, records["public_test"], args.e2_batch)
-    if "G1" in lines:
-        g1(model)
+    if "G1" in lines or "G1-compile" in lines:
+        g1(model, compiled="G1-compile" in lines)
 
 
 if __name__ == "__main__":
