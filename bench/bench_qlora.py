@@ -11,7 +11,8 @@ plain eager path on the same inputs (loss within 1e-2 relative, LoRA-gradient co
     T1-plain   the plain path (batch-1 passes, eager): the speed before the fast paths
     T2         batch 16 x 256 in one pass;  T3 the course's train.json with the seed's flags
     E1/E1b     forward 64 x 256 at batch 1 (CUDA graph) / 16;  E2 the course metric over public_test.json
-    G1         greedy, 64-token prompt, 128 new tokens, CUDA-graph decode;  L1 load + quantize
+    G1         greedy, 64-token prompt, 128 new tokens, CUDA-graph decode;  G1-compile the same, compiled
+    L1         load + quantize
 """
 import argparse
 import gc
@@ -28,15 +29,14 @@ import torch  # noqa: E402
 
 from minqlora import accumulate  # noqa: E402
 from minqlora.cudagraph import GraphedForward  # noqa: E402
-from minqlora.generate import generate_ids  # noqa: E402
 from minqlora.loader import load_model  # noqa: E402
 from minqlora.lora import apply_lora, lora_modules  # noqa: E402
-from minqlora.model import RMSNorm  # noqa: E402
-from minqlora.nf4 import Linear4bit  # noqa: E402
 from minqlora.loss import IGNORE_INDEX  # noqa: E402
 from minqlora.perplexity import mean_perplexity, perplexities  # noqa: E402
 from minqlora.tokenizer import Tokenizer  # noqa: E402
 from minqlora.trainer import accumulate_gradients  # noqa: E402
+
+from bench_decode import compute_in, g1  # noqa: E402  (this folder: G1 and G1-compile)
 
 ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately "
           "completes the request.\n\n### Instruction:\n{}\n\n### Response: ")
@@ -83,16 +83,6 @@ def configure(model, *, pass_tokens=0, graphs=None):
 
 def grads(model):
     return torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
-
-
-def compute_in(model, dtype):
-    """The dtype every weight computes in: the 4-bit layers' matmuls, embeddings, norms, lm_head (LoRA: fp32)."""
-    for m in model.modules():
-        if isinstance(m, Linear4bit):
-            m.compute_dtype = dtype
-        elif isinstance(m, (torch.nn.Embedding, RMSNorm)) or m is model.lm_head:
-            m.to(dtype)
-    torch.backends.cuda.matmul.allow_tf32 = dtype != torch.float32  # fp32 means fp32 for the gate
 
 
 def gate_train(model, g):
@@ -207,22 +197,6 @@ def e2(model, tok, records, batch_size):
         examples_per_s=round(len(records) / dt, 2), mean_ppl=mean_perplexity(ppl))
 
 
-def g1(model, prompt_len=64, new_tokens=128):
-    model.eval()
-    prompt = torch.randint(3, 32000, (prompt_len,), generator=torch.Generator().manual_seed(2)).tolist()
-    plain = generate_ids(model, [prompt], eos_ids=[], max_new_tokens=32, decode="plain")[0]
-    graph = generate_ids(model, [prompt], eos_ids=[], max_new_tokens=32, decode="graph")[0]
-    log(event="gate", line="G1", same_first_32=plain == graph, ok=plain == graph)
-    out = {}
-    for mode in ("plain", "graph"):
-        generate_ids(model, [prompt], eos_ids=[], max_new_tokens=4, decode=mode)
-        t = sync_time()
-        new = generate_ids(model, [prompt], eos_ids=[], max_new_tokens=new_tokens, decode=mode)[0]
-        out[mode] = len(new) / (sync_time() - t)
-    log(event="generate", line="G1", new_tokens=new_tokens, tokens_per_s=round(out["graph"], 1),
-        plain_tokens_per_s=round(out["plain"], 1))
-
-
 def profile(model, g, folder):
     """torch.profiler tables of one T1-strict micro-batch, one T2 pass and one plain decode step."""
     from torch.profiler import ProfilerActivity
@@ -280,7 +254,7 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--t3_records", type=int, default=128)
     ap.add_argument("--e2_batch", type=int, default=32)
-    ap.add_argument("--lines", default="L1,gate,T1,T1-strict,T1-plain,T2,T3,E1,E2,G1")
+    ap.add_argument("--lines", default="L1,gate,T1,T1-strict,T1-plain,T2,T3,E1,E2,G1,G1-compile")
     ap.add_argument("--profile", default=None, help="folder for torch profiles of the steps")
     args = ap.parse_args()
     lines = set(args.lines.split(","))
@@ -330,8 +304,8 @@ def main():
         eval_speed(model, "E1b", 64, 256, 16)
     if "E2" in lines and tok:
         e2(model, tok, records["public_test"], args.e2_batch)
-    if "G1" in lines:
-        g1(model)
+    if "G1" in lines or "G1-compile" in lines:
+        g1(model, compiled="G1-compile" in lines)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,26 @@ def eval_mode(model):
         model.train(was_training)
 
 
-DECODE_MODES = ("auto", "plain", "static", "graph")
+DECODE_MODES = ("auto", "plain", "static", "graph", "compile")
+CACHE_BUCKET = 256  # "compile": cache slots rounded up to a multiple of this, so one compiled step serves
+# every call in the bucket (a new shape is a new compilation, tens of seconds on a GPU)
+# Inductor's options for "compile". Coordinate-descent tuning also makes inductor write batch-1 matmuls
+# (the fp32 LoRA path's A and B, lm_head) as reductions it can fuse with their casts, scale and add (gpt-fast).
+COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
+_compiled = None
+
+
+def model_step(model, cache, tok, pos, key_mask):
+    """The static decode step: logits (B, 1, V) for tokens tok (B, 1) at positions pos (B, 1)."""
+    return model(tok, position_ids=pos, attention_mask=key_mask, kv_cache=cache)
+
+
+def compiled_step():
+    """model_step through torch.compile, built once: dynamo keeps one compiled graph per shape set."""
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(model_step, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS)
+    return _compiled
 
 
 class Decoder:
@@ -47,22 +66,28 @@ class Decoder:
     static: the cache's fixed-shape form (every slot, written at a slot tensor), still called eagerly.
     graph: the static step captured once as a CUDA graph and replayed each token: one launch instead of
     a few thousand small ones, which is what bounds batch-1 decoding (the fast path; "auto" on CUDA).
-    Static equals plain token for token on CPU (tests/test_generate.py); graph equals plain on the GPU
-    (the benchmark's correctness gate).
+    compile: the static step through torch.compile (elementwise work fused, batch-1 LoRA matmuls as fused
+    reductions), then captured as graph is: ~1.8x graph's tokens/s on an H200 (bench/NOTES.md #10), but the
+    first call of a shape compiles (~100 s for a 7B), so it is chosen only when asked for.
+    Static equals plain token for token on CPU (tests/test_generate.py), graph equals plain bit for bit on the
+    GPU (the benchmark's G1 gate). Compile's fused kernels round differently: its tokens equal plain's in fp32
+    on CPU (the same test; the benchmark's fp32 G1-compile gate is not yet run on a GPU), while in bf16 the
+    first 32 greedy tokens of a random 7B differed on the GPU (near-tied logits), so it is not the default.
     """
 
     def __init__(self, model, cache: KVCache, key_mask, lengths, prompt_len: int, mode: str):
         self.model, self.cache, self.key_mask, self.lengths, self.P = model, cache, key_mask, lengths, prompt_len
         self.mode, self.graph = mode, None
-        if mode in ("static", "graph"):
+        if mode != "plain":
             B = lengths.shape[0]
             self.tok = torch.zeros(B, 1, dtype=torch.long, device=lengths.device)  # (B, 1) static inputs
             self.pos = torch.zeros(B, 1, dtype=torch.long, device=lengths.device)  # (B, 1)
             self.slot = torch.zeros(1, dtype=torch.long, device=lengths.device)  # (1,) the slot written
+            cache.slots = self.slot
 
     def _static_step(self):
-        self.cache.slots = self.slot
-        return self.model(self.tok, position_ids=self.pos, attention_mask=self.key_mask, kv_cache=self.cache)
+        step = compiled_step() if self.mode == "compile" else model_step
+        return step(self.model, self.cache, self.tok, self.pos, self.key_mask)
 
     def __call__(self, nxt, t: int):
         """Feed each row's token `nxt` (B,) at its step t; return the logits (B, 1, V)."""
@@ -72,7 +97,7 @@ class Decoder:
         self.tok.copy_(nxt[:, None])
         self.pos.copy_((self.lengths + t)[:, None])
         self.slot.fill_(self.P + t)
-        if self.mode == "static":
+        if self.mode == "static" or self.tok.device.type != "cuda":  # no CUDA graphs off CUDA
             return self._static_step()
         if self.graph is None:  # captured at the first step; the warm-up writes slot P, which it rewrites
             self.graph, self.out = capture(self._static_step)
@@ -126,7 +151,8 @@ def generate_ids(model, prompt_ids: list[list[int]], *, eos_ids, max_new_tokens:
 
     Greedy unless do_sample. A row stops at any of `eos_ids`, after max_new_tokens, or at the
     model's context; the batch stops when every row has. `names` label prompts in errors.
-    `decode`: how each step runs (see Decoder); "auto" is "graph" on CUDA, "plain" elsewhere.
+    `decode`: how each step runs (see Decoder); "auto" is "graph" on CUDA, "plain" elsewhere; "compile"
+    is the fastest on CUDA once compiled, for long generations.
     """
     if decode not in DECODE_MODES:
         raise ValueError(f"decode={decode!r}: must be one of {DECODE_MODES}")
@@ -164,7 +190,12 @@ def _generate_batch(model, prompt_ids, eos_ids, max_new_tokens, pad_id, names, d
     tokens = torch.full((B, P), pad_id, dtype=torch.long, device=device)  # (B, P) left-padded
     for i, ids in enumerate(prompt_ids):
         tokens[i, P - len(ids):] = torch.tensor(ids, dtype=torch.long, device=device)
-    key_mask = torch.ones(B, P + steps, dtype=torch.long, device=device)  # (B, S_max) 1 = real
+    if decode == "auto":
+        decode = "graph" if device.type == "cuda" and steps > 1 else "plain"
+    S_max = P + steps
+    if decode == "compile":
+        S_max = -(-S_max // CACHE_BUCKET) * CACHE_BUCKET  # slots past P + steps are never attended
+    key_mask = torch.ones(B, S_max, dtype=torch.long, device=device)  # (B, S_max) 1 = real
     key_mask[:, :P] = torch.arange(P, device=device)[None, :] >= (P - lengths)[:, None]
     positions = (key_mask[:, :P].cumsum(1) - 1).clamp(min=0)  # (B, P) each row's own positions
     seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)  # (B, V)
@@ -172,9 +203,7 @@ def _generate_batch(model, prompt_ids, eos_ids, max_new_tokens, pad_id, names, d
         seen[i, torch.tensor(ids, device=device)] = True
 
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
-    if decode == "auto":
-        decode = "graph" if device.type == "cuda" and steps > 1 else "plain"
-    cache = KVCache(cfg, B, P + steps, dtype, device)
+    cache = KVCache(cfg, B, S_max, dtype, device)
     logits = model(tokens, position_ids=positions, attention_mask=key_mask[:, :P],
                    kv_cache=cache, last_only=True)  # (B, 1, V): the prompt fills slots 0..P-1
     cache.static = decode != "plain"  # decode steps then see every slot, unwritten ones masked

@@ -62,9 +62,11 @@ class KVCache:
     """
 
     def __init__(self, cfg: LlamaConfig, batch: int, max_len: int, dtype, device):
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, nkv, S_max, hd)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        # One tensor a layer, not views of one (L, ...) tensor: a compiled step (generate.py) then
+        # writes each layer's slot in place instead of copying the whole cache back.
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.pos = 0  # slots filled so far (dynamic form)
         self.max_len = max_len
         self.static = False
@@ -77,9 +79,9 @@ class KVCache:
             self.v[layer].index_copy_(2, self.slots, v)
             return self.k[layer], self.v[layer]
         end = self.pos + k.shape[2]
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class Attention(nn.Module):

@@ -1,0 +1,161 @@
+"""Decoding lines of the benchmark (bench_qlora.py's G1 and G1-compile), and a probe of the decode step.
+
+G1: greedy, batch 1, 64-token prompt, 128 new tokens, decode="graph" (the plain step's kernels replayed from
+a CUDA graph: bit for bit the plain path). G1-compile: the same with decode="compile" (torch.compile over the
+step, then a CUDA graph); its first call compiles, and compile_s is that call's time less a steady call's.
+
+Gates: the first 32 greedy tokens equal the plain path's. G1's in bf16. G1-compile's in fp32, with a non-zero
+LoRA B: compiled kernels fuse and round differently (a reduction in another order, intermediates kept in
+fp32), and a random 7B's bf16 logits are near-tied so often (bf16 spacing 1/32 at the top logit) that any
+rounding change flips a greedy token within 32 steps; the bf16 comparison is logged beside it
+(`bf16_reference`), as gate_train does for training.
+
+The probe (`python bench/bench_decode.py --ckpt CKPT --out DIR`): for each set of inductor options, the
+first call's time, steady tokens/s, and what one decode step launches on the GPU (torch.profiler).
+"""
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from minqlora import generate  # noqa: E402
+from minqlora.generate import generate_ids  # noqa: E402
+from minqlora.loader import load_model  # noqa: E402
+from minqlora.lora import apply_lora, lora_modules  # noqa: E402
+from minqlora.model import KVCache, RMSNorm  # noqa: E402
+from minqlora.nf4 import Linear4bit  # noqa: E402
+
+# generate.COMPILE_OPTIONS is the first. emulate_precision_casts rounds fused intermediates where eager would:
+# on the CPU (a 1-layer bf16 model) that alone made compiled greedy tokens equal eager's (not tried on a GPU).
+VARIANTS = {"coordinate_descent": {"coordinate_descent_tuning": True}, "default": {},
+            "eager_rounding": {"emulate_precision_casts": True},
+            "coordinate_descent_eager_rounding": {"coordinate_descent_tuning": True, "emulate_precision_casts": True}}
+
+
+def log(**kw):
+    print(json.dumps({"impl": "minqlora", **kw}), flush=True)
+
+
+def sync_time():
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def compute_in(model, dtype):
+    """The dtype every weight computes in: the 4-bit layers' matmuls, embeddings, norms, lm_head (LoRA: fp32)."""
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            m.compute_dtype = dtype
+        elif isinstance(m, (torch.nn.Embedding, RMSNorm)) or m is model.lm_head:
+            m.to(dtype)
+    torch.backends.cuda.matmul.allow_tf32 = dtype != torch.float32  # fp32 means fp32 for the gate
+
+
+def first_difference(a, b):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
+def g1(model, compiled=True, prompt_len=64, new_tokens=128):
+    """G1, and G1-compile if `compiled` (see the module's docstring). Leaves the model in bf16, LoRA B zero."""
+    prompt = torch.randint(3, 32000, (prompt_len,), generator=torch.Generator().manual_seed(2)).tolist()
+    run = lambda mode, n: generate_ids(model, [prompt], eos_ids=[], max_new_tokens=n, decode=mode)[0]  # noqa: E731
+    plain = run("plain", 32)
+    graph = run("graph", 32)
+    log(event="gate", line="G1", decode="graph", same_first_32=plain == graph, ok=plain == graph)
+    if compiled:
+        t = sync_time()
+        first = run("compile", 32)
+        first_s, t = sync_time() - t, sync_time()
+        run("compile", 32)
+        steady_s = sync_time() - t
+        log(event="bf16_reference", line="G1-compile", same_first_32=plain == first,
+            first_difference=first_difference(plain, first))
+        compute_in(model, torch.float32)
+        with torch.no_grad():  # the LoRA path contributing (B is zero in a fresh adapter)
+            for m in lora_modules(model).values():
+                m.lora_B.weight.normal_(0, 1e-2, generator=torch.Generator(m.lora_B.weight.device).manual_seed(3))
+        plain32, compiled32 = run("plain", 32), run("compile", 32)
+        with torch.no_grad():
+            for m in lora_modules(model).values():
+                m.lora_B.weight.zero_()
+        compute_in(model, torch.bfloat16)
+        log(event="gate", line="G1-compile", dtype="float32", same_first_32=plain32 == compiled32,
+            first_difference=first_difference(plain32, compiled32), ok=plain32 == compiled32)
+    out = {}
+    for mode in ("graph", "compile") if compiled else ("graph",):  # plain: ~8 tokens/s (NOTES.md)
+        run(mode, 4)
+        t = sync_time()
+        out[mode] = len(run(mode, new_tokens)) / (sync_time() - t)
+    log(event="generate", line="G1", decode="graph", new_tokens=new_tokens, tokens_per_s=round(out["graph"], 1))
+    if compiled:
+        log(event="generate", line="G1-compile", decode="compile", new_tokens=new_tokens,
+            tokens_per_s=round(out["compile"], 1), first_call_s=round(first_s, 1),
+            compile_s=round(first_s - steady_s, 1))
+
+
+def gpu_ops(fn, label, out):
+    """(GPU ops launched by one call of fn, their summed time in ms); the top ones written to out."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        fn()
+        torch.cuda.synchronize()
+    ev = [e for e in p.events() if e.device_type == DeviceType.CUDA]
+    by_name = Counter()
+    for e in ev:
+        by_name[e.name[:90]] += e.device_time_total
+    with open(out, "a") as f:
+        f.write(f"==== {label}: {len(ev)} GPU ops, {sum(by_name.values()) / 1e3:.2f} ms\n")
+        f.writelines(f"{us / 1e3:8.3f} ms  {name}\n" for name, us in by_name.most_common(15))
+    return len(ev), round(sum(by_name.values()) / 1e3, 2)
+
+
+@torch.inference_mode()
+def probe():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="which of VARIANTS, in order")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True  # as bench_qlora.py
+    model = load_model(args.ckpt, bits=4, quant_type="nf4", double_quant=True, dtype=torch.bfloat16,
+                       device="cuda", progress=False)
+    apply_lora(model, r=64, alpha=16, dropout=0.01, targets="all", verbose=False)
+    model.eval()
+    prompt = torch.randint(3, 32000, (64,), generator=torch.Generator().manual_seed(2)).tolist()
+    run = lambda mode, n: generate_ids(model, [prompt], eos_ids=[], max_new_tokens=n, decode=mode)[0]  # noqa: E731
+    ref = run("graph", 32)
+    # One static step's inputs, as the Decoder holds them (a cache of one bucket, the prompt prefilled).
+    cache = KVCache(model.config, 1, generate.CACHE_BUCKET, torch.bfloat16, "cuda")
+    model(torch.tensor([prompt], device="cuda"), kv_cache=cache)
+    cache.static, cache.slots = True, torch.tensor([64], device="cuda")
+    tok, pos = torch.tensor([[5]], device="cuda"), torch.tensor([[64]], device="cuda")
+    key_mask = torch.ones(1, generate.CACHE_BUCKET, dtype=torch.long, device="cuda")
+    table = Path(args.out) / "decode_ops.txt"
+    n, ms = gpu_ops(lambda: generate.model_step(model, cache, tok, pos, key_mask), "eager static step", table)
+    log(event="decode_probe", variant="eager", gpu_ops=n, gpu_ms=ms)
+    for name in args.variants.split(","):
+        generate.COMPILE_OPTIONS, generate._compiled = VARIANTS[name], None
+        torch._dynamo.reset()
+        t = sync_time()
+        first = run("compile", 32)
+        first_s = sync_time() - t
+        run("compile", 4)
+        t = sync_time()
+        tps = len(run("compile", 128)) / (sync_time() - t)
+        step = generate.compiled_step()
+        n, ms = gpu_ops(lambda: step(model, cache, tok, pos, key_mask), f"compiled step, {name}", table)
+        log(event="decode_probe", variant=name, first_call_s=round(first_s, 1), tokens_per_s=round(tps, 1),
+            bf16_same_first_32=first == ref, first_difference=first_difference(first, ref), gpu_ops=n, gpu_ms=ms)
+
+
+if __name__ == "__main__":
+    probe()
