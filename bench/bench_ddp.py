@@ -105,8 +105,9 @@ def speed(model, world, device, line, windows):
     dt = sync_time() - t
     n = len(windows) - 1
     tokens = sum(int(b["attention_mask"].sum()) for w in windows[1:] for b in w)
+    backward_s = distributed.gather([round(phases[0] / n, 4)], world)  # every process's: the skew shows
     log(world, event="train", line=line, tokens=tokens, opt_steps=n, tokens_per_s=round(tokens / dt, 1),
-        s_per_opt_step=round(dt / n, 3), s_backward=round(phases[0] / n, 4), s_all_reduce=round(phases[1] / n, 4),
+        s_per_opt_step=round(dt / n, 3), s_backward=backward_s, s_all_reduce=round(phases[1] / n, 4),
         s_update=round(phases[2] / n, 4), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
 
 

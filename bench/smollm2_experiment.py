@@ -10,7 +10,7 @@ not run again (delete the log to redo it). Steps, all with the course prompt and
   zero_shot   scripts/ppl.py on the first 8 public_test records (eval.json)
   few_shot_*  scripts/ppl.py, 10 shots drawn from train.json, 5 draws, unbalanced and balanced, on the first
               4 records (eval4.json; a 10-shot prompt is ~2,500 tokens, so cut at 4,096, not 2,048)
-  train       scripts/train.py: 10 steps of 2 records, eval perplexity on eval4.json at steps 0, 2, ..., 10
+  train       scripts/train.py: 40 steps of 2 records, eval perplexity on eval4.json at steps 0, 4, ..., 40
   peer        bench/peer_qlora_cpu.py with the same flags (run beside `train` with --parallel)
   fine_tuned  scripts/ppl.py with the final adapter on eval.json
   predict_*   scripts/predict.py greedy, 64 new tokens, zero-shot and fine-tuned, on eval.json; chrF (sacrebleu)
@@ -28,12 +28,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "weights/SmolLM2-135M-Instruct"
-TRAIN_FLAGS = ("--dataset_format course --do_eval --eval_strategy steps --eval_steps 2 --eval_on_start "
-               "--max_steps 10 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 "
+TRAIN_FLAGS = ("--dataset_format course --do_eval --eval_strategy steps --eval_steps 4 --eval_on_start "
+               "--max_steps 40 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 "
                "--source_max_len 256 --target_max_len 64 --lora_r 64 --lora_alpha 16 --lora_dropout 0.01 "
                "--learning_rate 1e-3 --lr_scheduler_type constant --max_grad_norm 0.3 "
                "--gradient_checkpointing False --logging_steps 1 --save_strategy no --seed 42 --data_seed 42").split()
-DONE = {"ppl": "Mean perplexity:", "train": "done:", "peer": "peer eval step 10", "predict": "Wrote",
+DONE = {"ppl": "Mean perplexity:", "train": "done:", "peer": "peer eval step 40", "predict": "Wrote",
         "convert": "wrote"}
 
 
@@ -97,7 +97,7 @@ def chrf(pred_path, records):
     return sacrebleu.corpus_chrf([preds[r["id"]] for r in records], [[r["output"] for r in records]]).score
 
 
-def summarize(out, seconds):
+def summarize(out, seconds, timings=None):
     records = json.loads((out / "eval.json").read_text())
     log = [json.loads(line) for line in (out / "qlora" / "log.jsonl").read_text().splitlines()]
     ours = [(r["step"], r["eval_ppl"]) for r in log if "eval_ppl" in r]
@@ -116,7 +116,7 @@ def summarize(out, seconds):
         "curve_minqlora": ours, "curve_peer": peer,
         "final_ppl_ratio_minqlora_over_peer": (ours[-1][1] / peer[-1][1]
                                                if peer and peer[-1][0] == ours[-1][0] else None),
-        "train_flags": " ".join(TRAIN_FLAGS), "seconds": seconds,
+        "train_flags": " ".join(TRAIN_FLAGS), "seconds": seconds, "seconds_by_step": timings,
     }
     (out / "results.json").write_text(json.dumps(res, indent=1, ensure_ascii=False) + "\n")
     plot(res, out / "smollm2_curves.png")
@@ -137,6 +137,7 @@ def plot(res, path):
                               ("few_shot_balanced_4", "10-shot, balanced", "tab:purple")):
         ax.axhline(res[key]["mean"], color=color, ls=":", label=f"{label} (mean of 5)")
     ax.set_xlabel("optimizer step (2 records each)")
+    ax.set_yscale("log")
     ax.set_ylabel("mean perplexity, first 4 public_test records")
     ax.set_title("SmolLM2-135M-Instruct, QLoRA on a 2-core CPU (step 0 = zero-shot)")
     ax.legend(fontsize=8)
@@ -173,9 +174,13 @@ def main():
     order = [["zero_shot"], ["few_shot_unbalanced"], ["few_shot_balanced"],
              ["train", "peer"] if a.parallel else ["train"], [] if a.parallel else ["peer"],
              ["fine_tuned"], ["predict_zero_shot"], ["predict_fine_tuned"]]
+    timings = {}
     for group in order:
+        t = time.time()
         wait([(name, launch(name, *todo[name], out)) for name in group])
-    res = summarize(out, round(time.time() - t0))
+        if group:
+            timings["+".join(group)] = round(time.time() - t)
+    res = summarize(out, round(time.time() - t0), timings)
     print(json.dumps({k: v for k, v in res.items() if not k.startswith("curve")}, indent=1, ensure_ascii=False))
     return 0 if math.isfinite(res["fine_tuned"]["ppl_8"]) else 1
 

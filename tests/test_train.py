@@ -375,7 +375,9 @@ def test_packed_passes_train_as_the_plain_path(tmp_path, capsys, normalization):
         for step in losses:
             assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5)
         for k in ref_adapter:
-            torch.testing.assert_close(adapter[k], ref_adapter[k], rtol=1e-4, atol=1e-5)  # after 4 Adam steps
+            # after 4 Adam steps (lr 1e-3): Adam rescales near-zero gradients, so rounding moves such an
+            # element by ~1e-5 on some CPUs (seen once on a 32-core machine); a wrong weighting moves ~1e-3
+            torch.testing.assert_close(adapter[k], ref_adapter[k], rtol=1e-4, atol=5e-5)
 
 
 def test_cuda_graphs_flag_needs_cuda_and_one_pass_per_micro_batch(tmp_path):
