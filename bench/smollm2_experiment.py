@@ -10,7 +10,7 @@ not run again (delete the log to redo it). Steps, all with the course prompt and
   zero_shot   scripts/ppl.py on the first 8 public_test records (eval.json)
   few_shot_*  scripts/ppl.py, 10 shots drawn from train.json, 5 draws, unbalanced and balanced, on the first
               4 records (eval4.json; a 10-shot prompt is ~2,500 tokens, so cut at 4,096, not 2,048)
-  train       scripts/train.py: 40 steps of 2 records, eval perplexity on eval4.json at steps 0, 4, ..., 40
+  train       scripts/train.py: 100 steps of 2 records, eval perplexity on eval4.json at steps 0, 5, ..., 100
   peer        bench/peer_qlora_cpu.py with the same flags (run beside `train` with --parallel)
   fine_tuned  scripts/ppl.py with the final adapter on eval.json
   predict_*   scripts/predict.py greedy, 64 new tokens, zero-shot and fine-tuned, on eval.json; chrF (sacrebleu)
@@ -28,12 +28,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "weights/SmolLM2-135M-Instruct"
-TRAIN_FLAGS = ("--dataset_format course --do_eval --eval_strategy steps --eval_steps 4 --eval_on_start "
-               "--max_steps 40 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 "
+TRAIN_FLAGS = ("--dataset_format course --do_eval --eval_strategy steps --eval_steps 5 --eval_on_start "
+               "--max_steps 100 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 "
                "--source_max_len 256 --target_max_len 64 --lora_r 64 --lora_alpha 16 --lora_dropout 0.01 "
                "--learning_rate 1e-3 --lr_scheduler_type constant --max_grad_norm 0.3 "
                "--gradient_checkpointing False --logging_steps 1 --save_strategy no --seed 42 --data_seed 42").split()
-DONE = {"ppl": "Mean perplexity:", "train": "done:", "peer": "peer eval step 40", "predict": "Wrote",
+DONE = {"ppl": "Mean perplexity:", "train": "done:", "peer": "peer eval step 100", "predict": "Wrote",
         "convert": "wrote"}
 
 
@@ -128,18 +128,17 @@ def plot(res, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    for key, label, style in (("curve_minqlora", "minqlora", "o-"), ("curve_peer", "transformers+peft+bnb", "s--")):
+    for key, label, style, size in (("curve_minqlora", "minqlora", "o-", 7), ("curve_peer", "transformers+peft+bnb", "x--", 6)):
         if not res[key]:
             continue
         xs, ys = zip(*res[key])
-        ax.plot(xs, ys, style, label=label)
+        ax.plot(xs, ys, style, label=label, markersize=size)
     for key, label, color in (("few_shot_unbalanced_4", "10-shot, unbalanced", "tab:red"),
                               ("few_shot_balanced_4", "10-shot, balanced", "tab:purple")):
         ax.axhline(res[key]["mean"], color=color, ls=":", label=f"{label} (mean of 5)")
     ax.set_xlabel("optimizer step (2 records each)")
-    ax.set_yscale("log")
     ax.set_ylabel("mean perplexity, first 4 public_test records")
-    ax.set_title("SmolLM2-135M-Instruct, QLoRA on a 2-core CPU (step 0 = zero-shot)")
+    ax.set_title("SmolLM2-135M-Instruct, QLoRA on a 2-core CPU\n(step 0 = zero-shot)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -225,7 +225,7 @@ def load_training_checkpoint(path, model, *, optimizer, scaler, check=None) -> t
 
 
 def resume_run(run, resume: Path, hyper: dict, say):
-    """Continue trainer.Run `run` from checkpoint `resume`: adapter, optimizer moments, RNG, data position,
+    """Continue runstate.Run `run` from checkpoint `resume`: adapter, optimizer moments, RNG, data position,
     best-so-far, log accumulators (its RunState). Writes nothing: a refused resume leaves every file as it
     was (the trainer prepares the output folder and calls restore_best after it). The optimizer's
     hyperparameters (`hyper`) and the LR come from this run's flags and schedule, at the saved position;

@@ -18,6 +18,12 @@ from __future__ import annotations
 import sys
 
 
+MEMORY_HINT = ("out of GPU memory. Flags that lower memory: --per_device_train_batch_size 1 (raise "
+               "--gradient_accumulation_steps to keep the effective batch), --source_max_len / --target_max_len "
+               "(see the data audit above for what they cut), --gradient_checkpointing True, --bits 4, a smaller "
+               "--lora_r, --bf16, and --per_device_eval_batch_size for evaluation")  # training's TrainingError
+
+
 class BadInput(ValueError):
     """Input that cannot be used; nothing has been written."""
 

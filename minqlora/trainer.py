@@ -21,7 +21,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -34,84 +34,20 @@ from .atomic import atomic_file
 from .chat import prompt_for
 from .config import LlamaConfig
 from .curves import RunLog, redraw_curves
-from .data import DataOrder, Prompt, collate
-from .errors import Interrupted, TrainingError
+from .data import DataOrder, collate
+from .errors import MEMORY_HINT, Interrupted, TrainingError
 from .loader import load_model, resolve_device_dtype, weight_files
 from .lora import apply_lora
 from .loss import causal_lm_loss
 from .optim import build_optimizer, build_scheduler, describe_schedule, quiet_cpu_paging, warmup_steps_for
 from .perplexity import eval_nll, mean_perplexity, perplexities
+from .runstate import NoLog, Run, RunState
 from .tokenizer import Tokenizer
 from .train_args import RunArgs, dtype_name, lora_targets, training_data
-
-MEMORY_HINT = ("out of GPU memory. Flags that lower memory: --per_device_train_batch_size 1 (raise "
-               "--gradient_accumulation_steps to keep the effective batch), --source_max_len / --target_max_len "
-               "(see the data audit above for what they cut), --gradient_checkpointing True, --bits 4, a smaller "
-               "--lora_r, --bf16, and --per_device_eval_batch_size for evaluation")
-
 
 def say(msg):
     if distributed.is_main():  # under torchrun, process 0 speaks for all
         tqdm.write(msg)
-
-
-class NoLog:
-    """The log of a process other than 0 (distributed.py): process 0 writes log.jsonl."""
-    def write(self, **rec):
-        pass
-
-    def close(self):
-        pass
-
-
-@dataclass
-class RunState:
-    """Where a run is: saved in every checkpoint's trainer_state.json (with the flags and the schedule)."""
-    step: int = 0  # optimizer steps done
-    epoch: int = 0  # the data position: epoch, next micro-batch (DataOrder)
-    pos: int = 0
-    best_step: int | None = None  # the best eval perplexity so far, kept in OUTPUT_DIR/best
-    best_ppl: float | None = None
-    best_loss: float | None = None
-    bad_evals: int = 0  # evaluations since the best (--early_stopping_patience)
-    last_eval_step: int | None = None
-    acc_loss: float = 0.0  # sums since the last train log line
-    acc_steps: int = 0
-    acc_tokens: int = 0
-    acc_time: float = 0.0
-    elapsed: float = 0.0  # seconds, the runs this one continues included
-
-
-@dataclass
-class Run:
-    """Everything `setup` builds, which the step, evaluation and checkpoints share."""
-    args: RunArgs
-    out: Path
-    device: torch.device
-    model: torch.nn.Module
-    tok: Tokenizer
-    params: list
-    lora: dict  # save_adapter's keywords
-    opt: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler | None
-    schedule: dict
-    order: DataOrder
-    train_ex: list
-    eval_ex: list | None
-    eval_records: list | None
-    metric_prompt: Prompt
-    total_steps: int
-    state: RunState
-    log: RunLog | None = None
-    started: float = 0.0  # perf_counter() when this process started the run
-    step_rng: dict | None = None  # the RNG state right after the last step: what a checkpoint restores
-    pass_tokens: int = 0  # the packed fast path's tokens a pass (0: one pass per micro-batch)
-    graphs: accumulate.GraphedLoss | None = None  # the CUDA-graph fast path (--cuda_graphs)
-    world: distributed.World = distributed.World()  # the processes torchrun started (one without it)
-
-    def elapsed(self):
-        return round(self.state.elapsed + time.perf_counter() - self.started, 2)
 
 
 def setup(a: RunArgs, progress: bool, world: distributed.World) -> Run:
@@ -187,7 +123,7 @@ def setup(a: RunArgs, progress: bool, world: distributed.World) -> Run:
     fresh = resume is None or not (out / "log.jsonl").exists()  # a new run, or resumed into a new folder
     fresh = distributed.from_main(fresh, world)
     run.log = RunLog(out / "log.jsonl", keep_until_step=None if fresh else run.state.step) if world.main else NoLog()
-    if fresh:
+    if fresh and world.main:
         with atomic_file(out / "run_config.json") as f:
             json.dump(a.to_dict(), f, indent=2)
         for au in audits:
@@ -197,8 +133,7 @@ def setup(a: RunArgs, progress: bool, world: distributed.World) -> Run:
                   eval_examples=len(eval_ex or []), device=str(device), dtype=str(dtype).removeprefix("torch."),
                   steps_per_epoch=order.steps_per_epoch, processes=world.size)
     if world.size > 1:
-        say(f"{world.size} processes: each step takes {t.gradient_accumulation_steps} micro-batches of "
-            f"{t.per_device_train_batch_size} on each, {order.accum * t.per_device_train_batch_size} examples a step")
+        say(f"{world.size} processes, {t.gradient_accumulation_steps} micro-batches each: {order.accum} a step")
     return run
 
 
