@@ -62,6 +62,14 @@ def start(device: str = "auto") -> World:
     return World(rank, size, local)
 
 
+def one_process_only(program: str):
+    """Refuse to run `program` (which writes one output, e.g. merge.py) as several torchrun processes."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size > 1:
+        raise BadInput(f"{program} runs in one process, not {size}: start it with python, not torchrun "
+                       "(its processes would all write the same output)")
+
+
 def current() -> World:
     if not dist.is_initialized():
         return World()

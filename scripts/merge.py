@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minqlora.adapter import load_adapter  # noqa: E402
 from minqlora.cli import parse_dataclasses  # noqa: E402
+from minqlora.distributed import one_process_only  # noqa: E402
 from minqlora.config import LlamaConfig  # noqa: E402
 from minqlora.errors import BadInput, run_main  # noqa: E402
 from minqlora.loader import DTYPES, load_model, resolve_device_dtype, save_checkpoint  # noqa: E402
@@ -45,6 +46,7 @@ CHECKPOINT_FILE = re.compile(r"config\.json|generation_config\.json|special_toke
 
 
 def check_output(args: MergeArgs):
+    one_process_only("merge.py")
     out, base = Path(args.output_dir), Path(args.base_model_path)
     check_output_dir_path(args.output_dir)
     if out.resolve() in (base.resolve(), Path(args.peft_path).resolve()):

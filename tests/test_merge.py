@@ -85,3 +85,10 @@ def test_merge_never_replaces_a_folder_it_was_not_told_to(tmp_path, capsys):
     assert merge.main([*flags, "--output_dir", str(tmp_path / "file")]) == 2
     assert "file: is a file, not a folder" in capsys.readouterr().err
 
+
+def test_merge_refuses_several_processes(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
+    assert merge.main(["--peft_path", str(tmp_path), "--output_dir", str(tmp_path / "m")]) == 2
+    assert "merge.py runs in one process, not 2" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
