@@ -24,6 +24,7 @@ No paper section; checked in tests/test_distributed.py (2 gloo processes against
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,7 @@ def start(device: str = "auto") -> World:
     if device.startswith("cuda:"):
         raise BadInput(f"--device {device}: under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda "
                        "(or auto) and choose the GPUs with CUDA_VISIBLE_DEVICES")
+    signal.signal(signal.SIGTERM, stopped_by_torchrun)
     gpu = device != "cpu" and torch.cuda.is_available()
     if gpu:
         torch.cuda.set_device(local)  # before the process group, so that NCCL binds this GPU
@@ -68,6 +70,12 @@ def one_process_only(program: str):
     if size > 1:
         raise BadInput(f"{program} runs in one process, not {size}: start it with python, not torchrun "
                        "(its processes would all write the same output)")
+
+
+def stopped_by_torchrun(signum, frame):
+    """SIGTERM, which torchrun sends the other processes when one fails: leave through Python, so that a file
+    being written is removed from its temporary name (atomic.py) rather than left there."""
+    raise SystemExit(128 + signum)
 
 
 def current() -> World:

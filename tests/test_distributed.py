@@ -142,3 +142,22 @@ def test_ctrl_c_stops_every_process_and_process_0_saves(tmp_path):
                                                                  lora_dropout=0.0, gradient_accumulation_steps=1),
                                                       "--resume_from_checkpoint", "latest"])
     assert rc == 0 and f"resumed from {out / f'checkpoint-{step}'}" in text, text
+
+
+def test_sigterm_under_torchrun_leaves_no_temporary(tmp_path):
+    """torchrun stops the other processes with SIGTERM when one fails: a checkpoint being written then goes
+    (it never reaches its final name either way) instead of staying as a temporary folder."""
+    from minqlora.atomic import atomic_dir
+    from minqlora.distributed import stopped_by_torchrun
+    previous = signal.signal(signal.SIGTERM, stopped_by_torchrun)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            with atomic_dir(tmp_path / "checkpoint-2") as tmp:
+                (tmp / "adapter_model.safetensors").write_bytes(b"half")
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)  # the handler runs at the next bytecode
+        assert stop.value.code == 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert list(tmp_path.iterdir()) == []
+
