@@ -92,8 +92,8 @@ def ppl(m: ModelArgs, args: PplArgs) -> list[float]:
         if shots:
             counts = direction_counts(shots)
             say(f"Draw {r}/{len(draws)}: {args.few_shot} shots ({counts['modern->classical']} "
-                  f"modern->classical, {counts['classical->modern']} classical->modern), "
-                  f"{len(scored)} scored, mean perplexity: {means[-1]}")
+                f"modern->classical, {counts['classical->modern']} classical->modern), "
+                f"{len(scored)} scored, mean perplexity: {means[-1]}")
 
     # 4. Write: the course's line; over several draws their mean and sample std; each example's number.
     say("Mean perplexity:", math.fsum(means) / len(means))
