@@ -100,6 +100,10 @@ def check_positive(**values):
             raise BadInput(f"--{name} {value}: must be at least {low}")
 
 
+PROMPT_TEMPLATE_HELP = ("course, alpaca, input-output, chat (the model folder's chat template), a file holding "
+                        "{instruction}, or adapter: the one the --peft_path adapter was trained with")
+
+
 def inference_prompt(asked: str, m: ModelArgs):
     """ppl.py's and predict.py's --prompt_template: the prompt to use (`adapter`: the one the --peft_path adapter
     recorded; `chat`: the model folder's template); a differing recorded one is warned about on stderr."""

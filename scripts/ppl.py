@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minqlora import distributed  # noqa: E402
 from minqlora.atomic import atomic_file  # noqa: E402
-from minqlora.cli import ModelArgs, check_positive, inference_prompt, parse_dataclasses  # noqa: E402
+from minqlora.cli import (PROMPT_TEMPLATE_HELP, ModelArgs, check_positive, inference_prompt,  # noqa: E402
+                          parse_dataclasses)
 from minqlora.course import FewShotPrompt, direction_counts, plan_draws  # noqa: E402
 from minqlora.data import read_records  # noqa: E402
 from minqlora.errors import BadInput, run_main  # noqa: E402
@@ -33,9 +34,7 @@ from minqlora.perplexity import mean_perplexity, perplexities  # noqa: E402
 class PplArgs:
     test_data_path: str = field(default="data/example/test.json", metadata={
         "help": "records with instruction and output (.json list or .jsonl)"})
-    prompt_template: str = field(default="course", metadata={
-        "help": "course, alpaca, input-output, chat (the model folder's chat template), a file holding "
-                "{instruction}, or adapter: the one the --peft_path adapter was trained with"})
+    prompt_template: str = field(default="course", metadata={"help": PROMPT_TEMPLATE_HELP})
     max_length: int = field(default=2048, metadata={"help": "cut each example to this many tokens"})
     batch_size: int = field(default=8, metadata={"help": "examples per forward pass"})
     few_shot: int = field(default=0, metadata={"help": "solved examples put in front of each prompt"})

@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minqlora import distributed  # noqa: E402
 from minqlora.atomic import atomic_file  # noqa: E402
-from minqlora.cli import ModelArgs, check_positive, inference_prompt, parse_dataclasses  # noqa: E402
+from minqlora.cli import (PROMPT_TEMPLATE_HELP, ModelArgs, check_positive, inference_prompt,  # noqa: E402
+                          parse_dataclasses)
 from minqlora.data import read_records  # noqa: E402
 from minqlora.errors import BadInput, run_main  # noqa: E402
 from minqlora.generate import generate  # noqa: E402
@@ -30,9 +31,7 @@ class PredictArgs:
         "help": "records with id and instruction"})
     output_path: str = field(default="output/predictions.json", metadata={
         "help": "where to write [{id, output}] (replaced only when the run completes)"})
-    prompt_template: str = field(default="course", metadata={
-        "help": "course, alpaca, input-output, chat (the model folder's chat template), a file holding "
-                "{instruction}, or adapter: the one the --peft_path adapter was trained with"})
+    prompt_template: str = field(default="course", metadata={"help": PROMPT_TEMPLATE_HELP})
     max_new_tokens: int = field(default=128, metadata={"help": "new tokens at most per example"})
     do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
