@@ -50,9 +50,10 @@ def gate(model, world, device, g):
     with torch.no_grad():  # a non-zero B (the same on every process: the same seed), so lora_A gets gradients
         for m in lora_modules(model).values():
             m.lora_B.weight.normal_(0, 1e-3)
-    for m in lora_modules(model).values():
-        if hasattr(m.lora_dropout, "p"):
-            m.lora_dropout.p = 0.0
+    drops = [m.lora_dropout for m in lora_modules(model).values() if hasattr(m.lora_dropout, "p")]
+    saved = [d.p for d in drops]
+    for d in drops:
+        d.p = 0.0
     compute_in(model, torch.float32)
     model.zero_grad(set_to_none=True)
     loss = backward(model, window, world, device)
@@ -68,8 +69,8 @@ def gate(model, world, device, g):
     with torch.no_grad():
         for m in lora_modules(model).values():
             m.lora_B.weight.zero_()
-            if hasattr(m.lora_dropout, "p"):
-                m.lora_dropout.p = 0.01
+    for d, p in zip(drops, saved):  # the dropout apply_lora set, back for the timed lines
+        d.p = p
     torch.cuda.empty_cache()
 
 
