@@ -76,7 +76,6 @@ NOT_IMPLEMENTED = {
     "load_best_model_at_end": "the best adapter is always kept in OUTPUT_DIR/best (the final one is the last "
                               "step's)",
     "metric_for_best_model": "the best checkpoint is always the one with the lowest eval perplexity",
-    "torch_compile": "torch.compile is not used",
     "auto_find_batch_size": "not implemented: set --per_device_train_batch_size",
 }
 

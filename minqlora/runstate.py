@@ -75,3 +75,9 @@ class Run:
 
     def elapsed(self):
         return round(self.state.elapsed + time.perf_counter() - self.started, 2)
+
+    def advice(self) -> str:
+        """What to change after non-finite numbers, for the error message."""
+        t = self.args.train
+        return (f"Try a lower --learning_rate (now {t.learning_rate:g}), a --max_grad_norm (now {t.max_grad_norm:g})"
+                + (", or --bf16 instead of --fp16" if t.fp16 else ""))

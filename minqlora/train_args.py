@@ -118,6 +118,8 @@ class TrainingArguments:
     cuda_graphs: bool = _f(False, "Fast path on a GPU with one pass per micro-batch: replay each pass's forward "
                            "and backward from CUDA graphs (lengths padded to a multiple of 128; no gradient "
                            "checkpointing inside a graph, so for short sequences)")
+    torch_compile: bool = _f(False, "Fast path on a GPU: torch.compile each decoder layer for training passes (the "
+                             "first pass of each shape compiles, tens of seconds); fuses the elementwise work")
     group_by_length: bool = _f(True, "Order examples so each optimizer step holds similar lengths")
     bf16: bool = _f(False, "Train in bfloat16 (model dtype; LoRA weights and optimizer stay fp32)")
     fp16: bool = _f(False, "Train in float16 (model dtype) with a gradient scaler")

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from . import accumulate
 from . import checkpoint as ckpt
+from . import compiled
 from . import distributed
 from .atomic import atomic_file
 from .chat import prompt_for
@@ -63,6 +64,7 @@ def setup(a: RunArgs, progress: bool, world: distributed.World) -> Run:
     ckpt.check_output_dir(out, overwrite=t.overwrite_output_dir, resuming=resume is not None, resume_from=resume)
     ckpt.seed_everything(t.seed)
     pass_tokens, use_graphs, fast = accumulate.choose(t.pass_tokens, t.cuda_graphs, device)
+    use_compile, compile_words = compiled.choose(t.torch_compile, t.cuda_graphs, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as qlora.py
         if dtype == torch.float32 and torch.cuda.is_bf16_supported():
@@ -84,6 +86,8 @@ def setup(a: RunArgs, progress: bool, world: distributed.World) -> Run:
                        dtype=dtype, device=device, progress=progress)
     apply_lora(model, r=t.lora_r, alpha=t.lora_alpha, dropout=t.lora_dropout, targets=targets)  # + freeze_base
     model.model.gradient_checkpointing = t.gradient_checkpointing
+    if use_compile:  # in place: names and state dict unchanged; evaluate() runs eagerly
+        compiled.compile_layers(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -104,7 +108,7 @@ def setup(a: RunArgs, progress: bool, world: distributed.World) -> Run:
               eval_records=eval_records, metric_prompt=metric_prompt, total_steps=total_steps, state=RunState(),
               started=started, world=world)
     run.pass_tokens, run.graphs = pass_tokens, accumulate.GraphedLoss(tok.pad_id) if use_graphs else None
-    say(f"training passes: {fast}")
+    say(f"training passes: {fast}" + (f"; {compile_words}" if use_compile else ""))
     if resume is not None:  # loads and checks the checkpoint; refuses before any file is touched
         ckpt.resume_run(run, resume, hyper, say)
     distributed.barrier(world)  # every process has checked the folder and the checkpoint before one changes
@@ -190,7 +194,7 @@ def train_step(run: Run) -> tuple[float, float, float, int]:
     if not math.isfinite(loss) or (scaler is None and not math.isfinite(norm)):
         what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
         raise TrainingError(f"the {what} is {value} at step {st.step + 1}: training stopped, nothing was saved "
-                            f"for this step. Last good checkpoint: {ckpt.last_good(run.out)}. {advice(run)}")
+                            f"for this step. Last good checkpoint: {ckpt.last_good(run.out)}. {run.advice()}")
     with ckpt.defer_sigint():  # the update and its bookkeeping happen entirely or not at all
         stepped = True
         if scaler:  # it skips the update on inf/NaN gradients and lowers its scale
@@ -215,14 +219,15 @@ def evaluate(run: Run):
     """Eval loss and the course metric (mean perplexity); a new best goes to OUTPUT_DIR/best."""
     t, st, t0, world = run.args.train, run.state, time.perf_counter(), run.world
     # Each process scores its share of the examples (distributed.shard); the sums and lists are gathered.
-    total, count = distributed.sum_all(eval_nll(run.model, distributed.shard(run.eval_ex, world),
-                                                t.per_device_eval_batch_size, run.tok.pad_id, run.device),
-                                       world, run.device)
+    with compiled.eager():  # --torch_compile compiles training passes; eval batches would each compile
+        total, count = distributed.sum_all(eval_nll(run.model, distributed.shard(run.eval_ex, world),
+                                                    t.per_device_eval_batch_size, run.tok.pad_id, run.device),
+                                           world, run.device)
+        ppl = mean_perplexity(distributed.gather(perplexities(  # the course cuts at 2048; never past the context
+            run.model, run.tok, distributed.shard(run.eval_records, world), run.metric_prompt,
+            batch_size=t.per_device_eval_batch_size, max_length=min(2048, run.model.config.max_position_embeddings),
+            progress=False), world))
     loss = total / max(count, 1)
-    ppl = mean_perplexity(distributed.gather(perplexities(  # the course cuts at 2048 tokens; never past the context
-        run.model, run.tok, distributed.shard(run.eval_records, world), run.metric_prompt,
-        batch_size=t.per_device_eval_batch_size, max_length=min(2048, run.model.config.max_position_embeddings),
-        progress=False), world))
     better = math.isfinite(ppl) and (st.best_ppl is None or ppl < st.best_ppl)
     if better:
         st.best_step, st.best_ppl, st.best_loss, st.bad_evals = st.step, ppl, loss, 0
@@ -256,16 +261,10 @@ def save(run: Run) -> Path:
     return path
 
 
-def advice(run):
-    t = run.args.train
-    return (f"Try a lower --learning_rate (now {t.learning_rate:g}), a --max_grad_norm (now {t.max_grad_norm:g})"
-            + (", or --bf16 instead of --fp16" if t.fp16 else ""))
-
-
 def check_finite(run, what):
     if not bool(torch.stack([p.detach().isfinite().all() for p in run.params]).all()):
         raise TrainingError(f"the LoRA weights are not finite after step {run.state.step}: training stopped, "
-                            f"{what} not written. Last good checkpoint: {ckpt.last_good(run.out)}. {advice(run)}")
+                            f"{what} not written. Last good checkpoint: {ckpt.last_good(run.out)}. {run.advice()}")
 
 
 def due(strategy, every, step, order):
