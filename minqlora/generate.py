@@ -41,8 +41,10 @@ DECODE_MODES = ("auto", "plain", "static", "graph", "compile")
 CACHE_BUCKET = 256  # "compile": cache slots rounded up to a multiple of this, so one compiled step serves
 # every call in the bucket (a new shape is a new compilation, tens of seconds on a GPU)
 # Inductor's options for "compile". Coordinate-descent tuning also makes inductor write batch-1 matmuls
-# (the fp32 LoRA path's A and B, lm_head) as reductions it can fuse with their casts, scale and add (gpt-fast).
-COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
+# (the fp32 LoRA path's A and B, lm_head) as reductions it can fuse with their casts, scale and add (gpt-fast);
+# emulate_precision_casts rounds fused bf16 intermediates where eager rounds them. With it a random 7B's first
+# 32 greedy tokens equalled eager's in one run and parted at token 25 in the next (bench/NOTES.md, #10, #14).
+COMPILE_OPTIONS = {"coordinate_descent_tuning": True, "emulate_precision_casts": True}
 _compiled = None
 
 
@@ -67,12 +69,13 @@ class Decoder:
     graph: the static step captured once as a CUDA graph and replayed each token: one launch instead of
     a few thousand small ones, which is what bounds batch-1 decoding (the fast path; "auto" on CUDA).
     compile: the static step through torch.compile (elementwise work fused, batch-1 LoRA matmuls as fused
-    reductions), then captured as graph is: ~1.8x graph's tokens/s on an H200 (bench/NOTES.md #10), but the
-    first call of a shape compiles (~100 s for a 7B), so it is chosen only when asked for.
+    reductions), then captured as graph is: ~1.9x graph's tokens/s on an H200 (bench/NOTES.md #10, #14), but
+    the first call of a shape compiles (~100 s for a 7B), and its fused kernels round differently, so it is
+    chosen only when asked for.
     Static equals plain token for token on CPU (tests/test_generate.py), graph equals plain bit for bit on the
-    GPU (the benchmark's G1 gate). Compile's fused kernels round differently: its tokens equal plain's in fp32
-    on CPU (the same test; the benchmark's fp32 G1-compile gate is not yet run on a GPU), while in bf16 the
-    first 32 greedy tokens of a random 7B differed on the GPU (near-tied logits), so it is not the default.
+    GPU (the benchmark's G1 gate). Compile's tokens equal plain's in fp32 on CPU (the same test); in bf16 on a
+    GPU the first 32 greedy tokens of a random 7B (near-tied logits) equalled plain's in one run and not in
+    another, so it is not the default.
     """
 
     def __init__(self, model, cache: KVCache, key_mask, lengths, prompt_len: int, mode: str):
