@@ -29,6 +29,9 @@ ROWS = [
     ("T1-plain", "train:1x256x16", "T1-plain", "tokens_per_s", "tokens/s"),
     ("T2", "train:16x256x1", "T2", "tokens_per_s", "tokens/s"),
     ("T3", "T3_train_real", "T3", "tokens_per_s", "tokens/s"),
+    ("T1-compile", "train:1x256x16", "T1-compile", "tokens_per_s", "tokens/s"),  # layers compiled (compiled.py)
+    ("T2-compile", "train:16x256x1", "T2-compile", "tokens_per_s", "tokens/s"),
+    ("T3-compile", "T3_train_real", "T3-compile", "tokens_per_s", "tokens/s"),
     ("E1", "eval_forward:1", "E1", "examples_per_s", "examples/s"),
     ("E1b", "eval_forward:16", "E1b", "examples_per_s", "examples/s"),
     ("E2", "E2_course_ppl", "E2", "examples_per_s", "examples/s"),
@@ -37,7 +40,7 @@ ROWS = [
     ("L1", "loaded", "L1", "seconds", "s (lower is better)"),
 ]
 GATES = {"T1": "T1", "T1-strict": "T1-strict", "T2": "T1", "T3": "T1", "E1": "E1", "G1": "G1", "G1-compile": "G1-compile",
-         "E2": "E2"}
+         "E2": "E2", "T1-compile": "T1-compile", "T2-compile": "T1-compile", "T3-compile": "T1-compile"}
 
 
 def run(cmd, log_path):
@@ -67,7 +70,7 @@ def peer_key(r):
 
 def table(peer, mine, gates, ceiling_tflops):
     peer_by = {peer_key(r): r for r in peer}
-    mine_by = {r["line"]: r for r in mine if "line" in r and r.get("event") != "gate"}
+    mine_by = {r["line"]: r for r in mine if "line" in r and r.get("event") not in ("gate", "bf16_reference")}
     out = ["| line | peer | minqlora | minqlora / peer | peer peak GiB | minqlora peak GiB | minqlora MFU |",
            "|---|---|---|---|---|---|---|"]
     for line, pkey, mkey, field, unit in ROWS:

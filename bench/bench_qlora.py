@@ -10,11 +10,13 @@ plain eager path on the same inputs (loss within 1e-2 relative, LoRA-gradient co
     T1-strict  the same in 16 batch-1 passes, each replayed from CUDA graphs
     T1-plain   the plain path (batch-1 passes, eager): the speed before the fast paths
     T2         batch 16 x 256 in one pass;  T3 the course's train.json with the seed's flags
+    T1/T2/T3-compile  the same with each decoder layer compiled (compiled.py, --torch_compile)
     E1/E1b     forward 64 x 256 at batch 1 (CUDA graph) / 16;  E2 the course metric over public_test.json
     G1         greedy, 64-token prompt, 128 new tokens, CUDA-graph decode;  G1-compile the same, compiled
     L1         load + quantize
 """
 import argparse
+import contextlib
 import gc
 import json
 import resource
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bitsandbytes as bnb  # noqa: E402
 import torch  # noqa: E402
 
-from minqlora import accumulate  # noqa: E402
+from minqlora import accumulate, compiled  # noqa: E402
 from minqlora.cudagraph import GraphedForward  # noqa: E402
 from minqlora.loader import load_model  # noqa: E402
 from minqlora.lora import apply_lora, lora_modules  # noqa: E402
@@ -85,7 +87,7 @@ def grads(model):
     return torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
 
 
-def gate_train(model, g):
+def gate_train(model, g, with_compiled=False):
     """Each training fast path against the plain path (batch-1 eager passes) on the same step, dropout at 0.
 
     The pass/fail gate computes in fp32: it checks that a fast path computes the same function. In bf16
@@ -100,15 +102,18 @@ def gate_train(model, g):
     for d in drops:
         d.p = 0.0
     model.train()  # as in training (checkpointing on)
+    packed = dict(pass_tokens=PASS_TOKENS)
+    compiled_variant = (("T1-compile", packed),) if with_compiled else ()  # the packed pass, layers compiled
     for dtype, variants in ((torch.float32, (("T1-strict", dict(graphs=accumulate.GraphedLoss(pad_id=0))),
-                                             ("T1", dict(pass_tokens=PASS_TOKENS)))),
-                            (torch.bfloat16, (("T1", dict(pass_tokens=PASS_TOKENS)),
-                                              ("T1 at 512 tokens a pass", dict(pass_tokens=512))))):
+                                             ("T1", packed)) + compiled_variant),
+                            (torch.bfloat16, (("T1", packed), ("T1 at 512 tokens a pass", dict(pass_tokens=512)))
+                             + compiled_variant)):
         compute_in(model, dtype)
         results = {}
         for name, kw in (("plain", {}),) + variants:
             model.zero_grad(set_to_none=True)
-            loss = float(configure(model, **kw)(win))
+            with contextlib.nullcontext() if name.endswith("-compile") else compiled.eager():
+                loss = float(configure(model, **kw)(win))
             results[name] = (loss, grads(model))
         ref_loss, ref_grad = results.pop("plain")
         for name, (loss, grad) in results.items():
@@ -141,7 +146,12 @@ def train_speed(model, line, g, *, batch, seq, accum, steps, pass_tokens=0, grap
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step(windows[0])  # warm-up
+    t = sync_time()
+    # Warm-up: the first window; a "-compile" line passes over every window once, compiling each new shape
+    # (the timing is then the steady state of a long run, which sees a bounded set of shapes).
+    for win in windows if line.endswith("-compile") else windows[:1]:
+        step(win)
+    first_s = sync_time() - t
     torch.cuda.reset_peak_memory_stats()
     t = sync_time()
     for win in windows[1:]:
@@ -149,7 +159,8 @@ def train_speed(model, line, g, *, batch, seq, accum, steps, pass_tokens=0, grap
     dt = sync_time() - t
     toks = sum(int(b["attention_mask"].sum()) for win in windows[1:] for b in win)
     log(event="train", line=line, tokens=toks, opt_steps=len(windows) - 1, tokens_per_s=round(toks / dt, 1),
-        s_per_opt_step=round(dt / (len(windows) - 1), 3), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+        s_per_opt_step=round(dt / (len(windows) - 1), 3), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        warmup_s=round(first_s, 1))
     del opt
     torch.cuda.empty_cache()
 
@@ -254,7 +265,7 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--t3_records", type=int, default=128)
     ap.add_argument("--e2_batch", type=int, default=32)
-    ap.add_argument("--lines", default="L1,gate,T1,T1-strict,T1-plain,T2,T3,E1,E2,G1,G1-compile")
+    ap.add_argument("--lines", default="L1,gate,T1,T1-strict,T1-plain,T2,T3,T2-compile,E1,E2,G1,G1-compile")
     ap.add_argument("--profile", default=None, help="folder for torch profiles of the steps")
     args = ap.parse_args()
     lines = set(args.lines.split(","))
@@ -272,13 +283,43 @@ def main():
     g = torch.Generator().manual_seed(0)
     if args.profile:
         profile(model, g, args.profile)
-    if "gate" in lines:
-        gate_train(model, g)
+    if "G1" in lines or "G1-compile" in lines:  # first: G1-compile compiles the decode step, layers uncompiled
+        g1(model, compiled="G1-compile" in lines)
+    with_compiled = any(line.startswith("T") and line.endswith("-compile") for line in lines)
+    if with_compiled:  # in place; every line but the "-compile" ones runs under compiled.eager()
+        compiled.compile_layers(model)
+    tok = records = None
+    if args.shared:
+        shared = Path(args.shared)
+        tok = Tokenizer.from_dir(shared / "tokenizers/llama2")
+        records = {s: json.loads((shared / f"data/adl2023-hw3/{s}.json").read_text(encoding="utf-8"))
+                   for s in ("train", "public_test")}
+    t3 = (lambda: t3_windows(tok, records["train"][:args.t3_records], 16)) if tok else None  # noqa: E731
+    if "gate" in lines:  # the plain reference runs eagerly, the "-compile" variant compiled
+        gate_train(model, g, with_compiled)
         gc.collect()  # the gate's graphs and their memory pools, before the peaks are measured
         torch.cuda.empty_cache()
-    kw = dict(batch=1, seq=256, accum=16, steps=args.steps)
+    with compiled.eager():
+        training_lines(model, g, lines, args.steps, t3)
+    training_lines(model, g, {line.removesuffix("-compile") for line in lines if line.endswith("-compile")},
+                   args.steps, t3, suffix="-compile")
+    with torch.no_grad():  # a fresh adapter again (B = 0), as the peer's E2 and G1 see theirs
+        for m in lora_modules(model).values():
+            m.lora_B.weight.zero_()
+    with compiled.eager():
+        if "E1" in lines:
+            eval_speed(model, "E1", 64, 256, 1)
+            eval_speed(model, "E1b", 64, 256, 16)
+        if "E2" in lines and tok:
+            e2(model, tok, records["public_test"], args.e2_batch)
+
+
+
+def training_lines(model, g, lines, steps, t3, suffix=""):
+    """T1, T1-strict, T1-plain, T2, T3 as far as `lines` asks (named with `suffix`)."""
+    kw = dict(batch=1, seq=256, accum=16, steps=steps)
     if "T1" in lines:
-        train_speed(model, "T1", g, pass_tokens=PASS_TOKENS, **kw)
+        train_speed(model, "T1" + suffix, g, pass_tokens=PASS_TOKENS, **kw)
     if "T1-strict" in lines:
         train_speed(model, "T1-strict", g, graphs=accumulate.GraphedLoss(pad_id=0), **kw)
         gc.collect()  # the graphs and their memory pools, before the next line's peak is measured
@@ -286,27 +327,9 @@ def main():
     if "T1-plain" in lines:
         train_speed(model, "T1-plain", g, **kw)
     if "T2" in lines:
-        train_speed(model, "T2", g, batch=16, seq=256, accum=1, steps=args.steps, pass_tokens=PASS_TOKENS)
-    tok = records = None
-    if args.shared:
-        shared = Path(args.shared)
-        tok = Tokenizer.from_dir(shared / "tokenizers/llama2")
-        records = {s: json.loads((shared / f"data/adl2023-hw3/{s}.json").read_text(encoding="utf-8"))
-                   for s in ("train", "public_test")}
-    if "T3" in lines and tok:
-        wins = t3_windows(tok, records["train"][:args.t3_records], 16)
-        train_speed(model, "T3", g, batch=1, seq=0, accum=16, steps=0, pass_tokens=PASS_TOKENS, windows=wins)
-    with torch.no_grad():  # a fresh adapter again (B = 0), as the peer's E2 and G1 see theirs
-        for m in lora_modules(model).values():
-            m.lora_B.weight.zero_()
-    if "E1" in lines:
-        eval_speed(model, "E1", 64, 256, 1)
-        eval_speed(model, "E1b", 64, 256, 16)
-    if "E2" in lines and tok:
-        e2(model, tok, records["public_test"], args.e2_batch)
-    if "G1" in lines or "G1-compile" in lines:
-        g1(model, compiled="G1-compile" in lines)
-
+        train_speed(model, "T2" + suffix, g, batch=16, seq=256, accum=1, steps=steps, pass_tokens=PASS_TOKENS)
+    if "T3" in lines and t3:
+        train_speed(model, "T3" + suffix, g, batch=1, seq=0, accum=16, steps=0, pass_tokens=PASS_TOKENS, windows=t3())
 
 if __name__ == "__main__":
     main()
