@@ -106,7 +106,7 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.nh // self.nkv, dim=1)  # (B, nh, S, hd)
             v = v.repeat_interleave(self.nh // self.nkv, dim=1)  # (B, nh, S, hd)
         # SDPA takes the softmax in fp32 internally; mask None means plain causal (or one new token).
-        causal = mask is None and T > 1  # an `if`, not a flag: a compiled layer (fused.py) may see T symbolic
+        causal = mask is None and T > 1  # an `if`, not a flag: a compiled layer (compiled.py) may see T symbolic
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True if causal else False)
         y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)  # (B, T, nh*hd)
         return self.o_proj(y)
