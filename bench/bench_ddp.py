@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bitsandbytes as bnb  # noqa: E402
 import torch  # noqa: E402
 
-from bench_qlora import PASS_TOKENS, compute_in, grads, random_window, sync_time, t3_windows  # noqa: E402
+from bench_qlora import PASS_TOKENS, compute_in, gate_weights, grads, random_window, sync_time, t3_windows  # noqa: E402
 from minqlora import accumulate, distributed  # noqa: E402
 from minqlora.loader import load_model  # noqa: E402
-from minqlora.lora import apply_lora, lora_modules  # noqa: E402
+from minqlora.lora import apply_lora  # noqa: E402
 from minqlora.tokenizer import Tokenizer  # noqa: E402
 from minqlora.trainer import accumulate_gradients  # noqa: E402
 
@@ -47,30 +47,18 @@ def backward(model, window, world, device):
 
 def gate(model, world, device, g):
     window = random_window(g, 1, 256, 8 * world.size)
-    with torch.no_grad():  # a non-zero B (the same on every process: the same seed), so lora_A gets gradients
-        for m in lora_modules(model).values():
-            m.lora_B.weight.normal_(0, 1e-3)
-    drops = [m.lora_dropout for m in lora_modules(model).values() if hasattr(m.lora_dropout, "p")]
-    saved = [d.p for d in drops]
-    for d in drops:
-        d.p = 0.0
-    compute_in(model, torch.float32)
-    model.zero_grad(set_to_none=True)
-    loss = backward(model, window, world, device)
-    together = grads(model)
-    model.zero_grad(set_to_none=True)
-    alone = float(accumulate_gradients(model, window, device, "example", pad_id=0, pass_tokens=PASS_TOKENS))
-    cos = float(torch.nn.functional.cosine_similarity(together, grads(model), dim=0))
-    rel = abs(loss - alone) / abs(alone)
-    log(world, event="gate", line=f"T2 on {world.size} GPUs", dtype="float32", loss_rel=rel, grad_cos=cos,
-        ok=rel <= 1e-2 and cos >= 0.999)
-    compute_in(model, torch.bfloat16)
-    model.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_B.weight.zero_()
-    for d, p in zip(drops, saved):  # the dropout apply_lora set, back for the timed lines
-        d.p = p
+    with gate_weights(model):  # the same B on every process: the same seed
+        compute_in(model, torch.float32)
+        model.zero_grad(set_to_none=True)
+        loss = backward(model, window, world, device)
+        together = grads(model)
+        model.zero_grad(set_to_none=True)
+        alone = float(accumulate_gradients(model, window, device, "example", pad_id=0, pass_tokens=PASS_TOKENS))
+        cos = float(torch.nn.functional.cosine_similarity(together, grads(model), dim=0))
+        rel = abs(loss - alone) / abs(alone)
+        log(world, event="gate", line=f"T2 on {world.size} GPUs", dtype="float32", loss_rel=rel, grad_cos=cos,
+            ok=rel <= 1e-2 and cos >= 0.999)
+        compute_in(model, torch.bfloat16)
     torch.cuda.empty_cache()
 
 

@@ -94,13 +94,34 @@ def gate_train(model, g, with_compiled=False):
     a random 7B network amplifies rounding, so that two valid orders of the same sums already differ
     (packing at 512 vs 4096 tokens a pass): those cosines are logged beside the gate, for reference."""
     win = random_window(g, 1, 256, 16)
-    with torch.no_grad():  # a non-zero B, so that lora_A gets gradients too
+    with gate_weights(model):
+        gate_paths(model, win, with_compiled)
+
+
+@contextlib.contextmanager
+def gate_weights(model):
+    """A gate's setting: a non-zero LoRA B (so that lora_A gets gradients too; the same on every process, the
+    same seed), dropout 0; on leaving, the fresh adapter (B = 0, no gradients) and the dropout it had."""
+    with torch.no_grad():
         for m in lora_modules(model).values():
             m.lora_B.weight.normal_(0, 1e-3)
     drops = [m.lora_dropout for m in lora_modules(model).values() if hasattr(m.lora_dropout, "p")]
     saved = [d.p for d in drops]
     for d in drops:
         d.p = 0.0
+    try:
+        yield
+    finally:
+        for d, p in zip(drops, saved):
+            d.p = p
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for m in lora_modules(model).values():
+                m.lora_B.weight.zero_()
+
+
+def gate_paths(model, win, with_compiled):
+    """gate_train's comparisons on one window: fp32 gates, then the bf16 figures logged for reference."""
     model.train()  # as in training (checkpointing on)
     packed = dict(pass_tokens=PASS_TOKENS)
     compiled_variant = (("T1-compile", packed),) if with_compiled else ()  # the packed pass, layers compiled
@@ -125,12 +146,6 @@ def gate_train(model, g, with_compiled=False):
             else:
                 log(event="bf16_reference", line=name, loss_rel=rel, grad_cos=cos)
         torch.cuda.empty_cache()
-    for d, p in zip(drops, saved):
-        d.p = p
-    model.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_B.weight.zero_()
 
 
 def train_speed(model, line, g, *, batch, seq, accum, steps, pass_tokens=0, graphs=None, windows=None):
