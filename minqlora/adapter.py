@@ -96,10 +96,10 @@ def save_adapter(
         if missing:
             raise BadInput(f"save_adapter: targets {missing} were not wrapped in this model")
 
-    tensors = {}
+    tensors = {}  # copies: during training the weights are views of the optimizer's one buffer (optim.py)
     for name, m in modules.items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous().cpu()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous().cpu()
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().to("cpu", copy=True)
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().to("cpu", copy=True)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

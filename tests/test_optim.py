@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from minqlora.optim import (build_optimizer, build_scheduler, describe_schedule, fast_forward, quiet_cpu_paging,
+from minqlora.optim import (BNB_MOMENTS, FlatPagedAdamW, build_optimizer, build_scheduler, describe_schedule, fast_forward, quiet_cpu_paging,
                             schedule_change, warmup_steps_for)
 
 quiet_cpu_paging()
@@ -30,14 +30,76 @@ def _run(name, steps=6, **kw):
 def test_paged_adamw_32bit_steps_equal_torch_adamw():
     kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1)
     opt, ours = _run("paged_adamw_32bit", **kw)
-    import bitsandbytes as bnb
-    assert isinstance(opt, bnb.optim.PagedAdamW32bit)
+    assert isinstance(opt, FlatPagedAdamW)
     ref_opt, ref = _run("adamw_torch", **kw)
     assert type(ref_opt) is torch.optim.AdamW
     start = _params()
     for p, q, p0 in zip(ours, ref, start):
         assert (p - p0).abs().max() > 1e-2  # the steps moved the weights
         torch.testing.assert_close(p.detach(), q.detach(), atol=1e-6, rtol=0)
+
+
+def _bnb_run(params, grads_per_step, **kw):
+    import bitsandbytes as bnb
+    opt = bnb.optim.PagedAdamW32bit(params, **kw)
+    for grads in grads_per_step:
+        for p, gr in zip(params, grads):
+            p.grad = None if gr is None else gr.clone()
+        opt.step()
+    return opt
+
+
+def test_flat_adamw_equals_bitsandbytes_per_tensor_bit_for_bit():
+    """One kernel call over the concatenated tensors = bnb's call per tensor, to the bit, also when a tensor
+    has no gradient in some step (then it is skipped, its step count lags, and the flat path steps per tensor)."""
+    kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1)
+    g = torch.Generator().manual_seed(3)
+    shapes = [p.shape for p in _params()]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(4)]
+    grads[2][0] = None  # the first tensor gets no gradient in step 3
+    ref = _params()
+    _bnb_run(ref, grads, **kw)
+    ours = _params()
+    opt = build_optimizer(ours, "paged_adamw_32bit", **kw)
+    assert all(p.data_ptr() == opt.flat[sl].data_ptr() for p, sl in zip(ours, opt.slices))  # views of one buffer
+    for step in grads:
+        for p, gr in zip(ours, step):
+            p.grad = None if gr is None else gr.clone()
+        opt.step()
+    start = _params()
+    for p, q, p0 in zip(ours, ref, start):
+        assert (p - p0).abs().max() > 1e-2
+        assert torch.equal(p.detach(), q.detach())
+    assert [opt.state[p]["step"] for p in ours] == [3, 4]
+
+
+def test_flat_adamw_state_loads_from_and_into_bitsandbytes():
+    """Checkpoints written with bnb's per-tensor optimizer resume in the flat one and the other way round."""
+    kw = dict(lr=1e-2, weight_decay=0.05)
+    g = torch.Generator().manual_seed(5)
+    shapes = [p.shape for p in _params()]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(6)]
+    ref = _params()
+    ref_opt = _bnb_run(ref, grads[:3], **kw)
+    flat = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    flat_opt = build_optimizer(flat, "paged_adamw_32bit", **kw)
+    flat_opt.load_state_dict(ref_opt.state_dict())
+    back = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    for step in grads[3:]:
+        for opt, ps in ((ref_opt, ref), (flat_opt, flat)):
+            for p, gr in zip(ps, step):
+                p.grad = gr.clone()
+            opt.step()
+    for p, q in zip(ref, flat):
+        assert torch.equal(p, q)
+    import bitsandbytes as bnb
+    back_opt = bnb.optim.PagedAdamW32bit(back, **kw)
+    back_opt.load_state_dict(flat_opt.state_dict())
+    assert all(torch.equal(back_opt.state[b]["state2"], flat_opt.state[f]["state2"]) for b, f in zip(back, flat))
+    bad = flat_opt.state_dict()
+    bad["state"][0][BNB_MOMENTS]["state1"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="shape"):
+        build_optimizer(_params(), "paged_adamw_32bit", **kw).load_state_dict(bad)
 
 
 def test_paged_adamw_8bit_is_bitsandbytes_and_minimises():
