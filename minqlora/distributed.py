@@ -7,7 +7,7 @@ The environment is torchrun's (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT); 
 process and nothing here does anything. Backend: NCCL on GPUs (process LOCAL_RANK on cuda:LOCAL_RANK),
 gloo on the CPU. What the trainer and the scripts do with a World:
 - training: a step's window of K x W micro-batches (K = --gradient_accumulation_steps, W processes) is
-  dealt out, micro-batch i to process i mod W; each process weighs its tokens by the whole step's counts
+  dealt out by token count (`deal`: longest first, each to the process with the fewest tokens); each process weighs its tokens by the whole step's counts
   (accumulate.step_totals), so the sum of the processes' gradients is the gradient one process with
   accumulation K x W computes; `reduce_gradients` sums them once, after the last micro-batch (no
   communication on the micro-steps in between), then every process clips and steps the same optimizer
@@ -103,6 +103,23 @@ def barrier(world: World):
 def shard(items: list, world: World) -> list:
     """This process's items: every W-th, from its rank (lengths stay balanced when items are sorted)."""
     return items[world.rank::world.size]
+
+
+def deal(batches: list[dict], world: World) -> list[dict]:
+    """This process's share of a step's micro-batches, dealt by token count: longest first, each to the process
+    with the fewest tokens so far (ties: the lowest rank), so that no process waits long at the all-reduce for
+    a busier one. Every process computes the same dealing; equal sizes are dealt as `shard` deals them. The
+    step's gradient is the sum over its micro-batches whoever computes them: the dealing does not change it."""
+    if world.size == 1:
+        return list(batches)
+    sizes = [int(b["attention_mask"].sum()) for b in batches]
+    load, mine = [0] * world.size, []
+    for i in sorted(range(len(batches)), key=lambda i: -sizes[i]):  # stable: equal sizes keep their order
+        r = min(range(world.size), key=lambda r: load[r])
+        load[r] += sizes[i]
+        if r == world.rank:
+            mine.append(i)
+    return [batches[i] for i in sorted(mine)]  # in the window's order
 
 
 def gather(local: list, world: World) -> list:

@@ -166,3 +166,21 @@ def test_sigterm_under_torchrun_leaves_no_temporary(tmp_path):
         signal.signal(signal.SIGTERM, previous)
     assert list(tmp_path.iterdir()) == []
 
+
+
+def test_deal_partitions_a_window_and_balances_its_tokens():
+    """Every micro-batch to exactly one process, in window order; the loads within the longest micro-batch
+    of each other (round-robin on a window sorted by length, as group_by_length gives, is not)."""
+    from minqlora.distributed import World, deal
+    lengths = [250, 240, 230, 200, 180, 160, 90, 60, 40, 30]
+    window = [{"attention_mask": torch.ones(1, n, dtype=torch.long), "i": i} for i, n in enumerate(lengths)]
+    shares = [deal(window, World(rank=r, size=2)) for r in range(2)]
+    got = sorted(b["i"] for s in shares for b in s)
+    assert got == list(range(len(lengths)))
+    assert all([b["i"] for b in s] == sorted(b["i"] for b in s) for s in shares)
+    loads = [sum(int(b["attention_mask"].sum()) for b in s) for s in shares]
+    assert abs(loads[0] - loads[1]) <= max(lengths)
+    assert abs(loads[0] - loads[1]) < abs(sum(lengths[0::2]) - sum(lengths[1::2]))  # 20 against round-robin's 100
+    equal = [{"attention_mask": torch.ones(1, 8, dtype=torch.long), "i": i} for i in range(5)]
+    assert [b["i"] for b in deal(equal, World(rank=1, size=2))] == [1, 3]  # equal sizes: as shard deals them
+    assert deal(window, World(rank=0, size=1)) == window
