@@ -43,13 +43,15 @@ ARGS = dict(lora_dropout=0.0, per_device_train_batch_size=2, max_steps=4, save_s
             group_by_length=True, eval_dataset_size=4, do_eval=True, evaluation_strategy="steps", eval_steps=2)
 
 
-@pytest.mark.parametrize("normalization,pass_tokens", [("example", 0), ("token", 64)])
-def test_two_processes_equal_one_with_twice_the_accumulation(tmp_path, normalization, pass_tokens):
+@pytest.mark.parametrize("normalization,pass_tokens,compile_layers", [("example", 0, False), ("token", 64, False),
+                                                                      ("example", 64, True)])
+def test_two_processes_equal_one_with_twice_the_accumulation(tmp_path, normalization, pass_tokens, compile_layers):
     """pass_tokens 64: the packed fast path on both sides (rows packed per process, so the float sums
-    group differently: a looser tolerance after 4 Adam steps)."""
+    group differently: a looser tolerance after 4 Adam steps); with --torch_compile, each process compiles
+    its own layers."""
     data = write_records(tmp_path / "d.json", 20)
     one, two = tmp_path / "one", tmp_path / "two"
-    flags = dict(ARGS, loss_normalization=normalization, pass_tokens=pass_tokens)
+    flags = dict(ARGS, loss_normalization=normalization, pass_tokens=pass_tokens, torch_compile=compile_layers)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each torchrun process (OMP_NUM_THREADS=1): the same kernels' sums
     try:
@@ -59,6 +61,7 @@ def test_two_processes_equal_one_with_twice_the_accumulation(tmp_path, normaliza
     rc, out = torchrun(ROOT / "scripts/train.py", fast_args(two, data, gradient_accumulation_steps=1, **flags))
     assert rc == 0, out
     assert ("passes of at most 64 tokens" in out) == (pass_tokens == 64)
+    assert ("decoder layers compiled with torch.compile" in out) == compile_layers
     assert_same_adapter(one, two, atol=5e-5 if pass_tokens else 1e-6)
     log1, log2 = ([json.loads(x) for x in (d / "log.jsonl").read_text().splitlines()] for d in (one, two))
     losses = [[(r["step"], r["loss"]) for r in log if "loss" in r] for log in (log1, log2)]
