@@ -7,11 +7,11 @@ The environment is torchrun's (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT); 
 process and nothing here does anything. Backend: NCCL on GPUs (process LOCAL_RANK on cuda:LOCAL_RANK),
 gloo on the CPU. What the trainer and the scripts do with a World:
 - training: a step's window of K x W micro-batches (K = --gradient_accumulation_steps, W processes) is
-  dealt out by token count (`deal`: longest first, each to the process with the fewest tokens); each process weighs its tokens by the whole step's counts
-  (accumulate.step_totals), so the sum of the processes' gradients is the gradient one process with
-  accumulation K x W computes; `reduce_gradients` sums them once, after the last micro-batch (no
-  communication on the micro-steps in between), then every process clips and steps the same optimizer
-  on the same numbers, and the replicas stay equal;
+  dealt out by token count (`deal`: longest first, each to the process with the fewest tokens); each
+  process weighs its tokens by the whole step's counts (accumulate.step_totals), so the sum of the
+  processes' gradients is the gradient one process with accumulation K x W computes; `reduce_gradients`
+  sums them once, after the last micro-batch (no communication on the micro-steps in between), then every
+  process clips and steps the same optimizer on the same numbers, and the replicas stay equal;
 - evaluation, ppl.py and predict.py: record i to process i mod W (`shard`), the results gathered back in
   record order (`gather`);
 - only process 0 (`main`) writes files and prints; every process reads the same checkpoint to resume.

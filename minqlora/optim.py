@@ -58,8 +58,10 @@ class FlatPagedAdamW(torch.optim.Optimizer):
     dict is bnb's (per parameter: "step", "state1", "state2"), so checkpoints load into either."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
-        params = list(params)
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(list(params), dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        if len(self.param_groups) != 1:
+            raise ValueError("paged_adamw_32bit: one parameter group (one set of hyperparameters) only")
+        params = self.param_groups[0]["params"]
         device = params[0].device
         for p in params:
             if p.dtype != torch.float32 or p.device != device:

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from minqlora.optim import (BNB_MOMENTS, FlatPagedAdamW, build_optimizer, build_scheduler, describe_schedule, fast_forward, quiet_cpu_paging,
-                            schedule_change, warmup_steps_for)
+from minqlora.optim import (BNB_MOMENTS, FlatPagedAdamW, build_optimizer, build_scheduler, describe_schedule,
+                            fast_forward, quiet_cpu_paging, schedule_change, warmup_steps_for)
 
 quiet_cpu_paging()
 
