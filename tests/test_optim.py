@@ -21,9 +21,7 @@ def _run(name, steps=6, **kw):
     opt = build_optimizer(params, name, **kw)
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=g)
-        opt.step()
+        _step(opt, params, [torch.randn(p.shape, generator=g) for p in params])
     return opt, params
 
 
@@ -39,13 +37,18 @@ def test_paged_adamw_32bit_steps_equal_torch_adamw():
         torch.testing.assert_close(p.detach(), q.detach(), atol=1e-6, rtol=0)
 
 
+def _step(opt, params, grads):
+    """One update of `params` with (copies of) `grads`; None: that tensor has no gradient this step."""
+    for p, gr in zip(params, grads):
+        p.grad = None if gr is None else gr.clone()
+    opt.step()
+
+
 def _bnb_run(params, grads_per_step, **kw):
     import bitsandbytes as bnb
     opt = bnb.optim.PagedAdamW32bit(params, **kw)
     for grads in grads_per_step:
-        for p, gr in zip(params, grads):
-            p.grad = None if gr is None else gr.clone()
-        opt.step()
+        _step(opt, params, grads)
     return opt
 
 
@@ -63,9 +66,7 @@ def test_flat_adamw_equals_bitsandbytes_per_tensor_bit_for_bit():
     opt = build_optimizer(ours, "paged_adamw_32bit", **kw)
     assert all(p.data_ptr() == opt.flat[sl].data_ptr() for p, sl in zip(ours, opt.slices))  # views of one buffer
     for step in grads:
-        for p, gr in zip(ours, step):
-            p.grad = None if gr is None else gr.clone()
-        opt.step()
+        _step(opt, ours, step)
     start = _params()
     for p, q, p0 in zip(ours, ref, start):
         assert (p - p0).abs().max() > 1e-2
@@ -86,10 +87,8 @@ def test_flat_adamw_state_loads_from_and_into_bitsandbytes():
     flat_opt.load_state_dict(ref_opt.state_dict())
     back = [torch.nn.Parameter(p.detach().clone()) for p in ref]
     for step in grads[3:]:
-        for opt, ps in ((ref_opt, ref), (flat_opt, flat)):
-            for p, gr in zip(ps, step):
-                p.grad = gr.clone()
-            opt.step()
+        _step(ref_opt, ref, step)
+        _step(flat_opt, flat, step)
     for p, q in zip(ref, flat):
         assert torch.equal(p, q)
     import bitsandbytes as bnb
@@ -124,10 +123,8 @@ def test_optimizer_state_round_trip_continues_identically():
     g = torch.Generator().manual_seed(7)
     for _ in range(3):
         grads = [torch.randn(p.shape, generator=g) for p in params]
-        for o, ps in ((opt, params), (opt2, copy)):
-            for p, gr in zip(ps, grads):
-                p.grad = gr.clone()
-            o.step()
+        _step(opt, params, grads)
+        _step(opt2, copy, grads)
     for p, q in zip(params, copy):
         assert torch.equal(p, q)
 
