@@ -32,6 +32,10 @@ ROWS = [
     ("T1-compile", "train:1x256x16", "T1-compile", "tokens_per_s", "tokens/s"),  # layers compiled (compiled.py)
     ("T2-compile", "train:16x256x1", "T2-compile", "tokens_per_s", "tokens/s"),
     ("T3-compile", "T3_train_real", "T3-compile", "tokens_per_s", "tokens/s"),
+    ("T1-compile+lora16", "train:1x256x16", "T1-compile+lora16", "tokens_per_s", "tokens/s"),  # LoRA in bf16
+    ("T2+lora16", "train:16x256x1", "T2+lora16", "tokens_per_s", "tokens/s"),
+    ("T2-compile+lora16", "train:16x256x1", "T2-compile+lora16", "tokens_per_s", "tokens/s"),
+    ("T3-compile+lora16", "T3_train_real", "T3-compile+lora16", "tokens_per_s", "tokens/s"),
     ("E1", "eval_forward:1", "E1", "examples_per_s", "examples/s"),
     ("E1b", "eval_forward:16", "E1b", "examples_per_s", "examples/s"),
     ("E2", "E2_course_ppl", "E2", "examples_per_s", "examples/s"),
@@ -40,7 +44,11 @@ ROWS = [
     ("L1", "loaded", "L1", "seconds", "s (lower is better)"),
 ]
 GATES = {"T1": "T1", "T1-strict": "T1-strict", "T2": "T1", "T3": "T1", "E1": "E1", "G1": "G1", "G1-compile": "G1-compile",
-         "E2": "E2", "T1-compile": "T1-compile", "T2-compile": "T1-compile", "T3-compile": "T1-compile"}
+         "E2": "E2", "T1-compile": "T1-compile", "T2-compile": "T1-compile", "T3-compile": "T1-compile",
+         # "+lora16" (LoRA matmuls in bf16) is a setting of the run's dtype: in the fp32 gate it is the fp32 path,
+         # so those lines share their path's gate; their bf16 distance from the fp32 LoRA is logged (bf16_reference)
+         "T1-compile+lora16": "T1-compile", "T2+lora16": "T1", "T2-compile+lora16": "T1-compile",
+         "T3-compile+lora16": "T1-compile"}
 
 
 def run(cmd, log_path):

@@ -11,6 +11,8 @@ plain eager path on the same inputs (loss within 1e-2 relative, LoRA-gradient co
     T1-plain   the plain path (batch-1 passes, eager): the speed before the fast paths
     T2         batch 16 x 256 in one pass;  T3 the course's train.json with the seed's flags
     T1/T2/T3-compile  the same with each decoder layer compiled (compiled.py, --torch_compile)
+    LINE+lora16  LINE with the LoRA matmuls in bf16 (train.py --lora_in_compute_dtype; weights stay fp32), as
+               the peer computes them (qlora.py casts its LoRA layers to bf16)
     E1/E1b     forward 64 x 256 at batch 1 (CUDA graph) / 16;  E2 the course metric over public_test.json
     G1         greedy, 64-token prompt, 128 new tokens, CUDA-graph decode;  G1-compile the same, compiled
     L1         load + quantize
@@ -32,7 +34,7 @@ import torch  # noqa: E402
 from minqlora import accumulate, compiled  # noqa: E402
 from minqlora.cudagraph import GraphedForward  # noqa: E402
 from minqlora.loader import load_model  # noqa: E402
-from minqlora.lora import apply_lora, lora_modules  # noqa: E402
+from minqlora.lora import apply_lora, computing_in, lora_modules  # noqa: E402
 from minqlora.loss import IGNORE_INDEX  # noqa: E402
 from minqlora.optim import build_optimizer  # noqa: E402
 from minqlora.perplexity import mean_perplexity, perplexities  # noqa: E402
@@ -156,13 +158,16 @@ def gate_paths(model, win, with_compiled):
     compiled_variant = (("T1-compile", packed),) if with_compiled else ()  # the packed pass, layers compiled
     for dtype, variants in ((torch.float32, (("T1-strict", dict(graphs=accumulate.GraphedLoss(pad_id=0))),
                                              ("T1", packed)) + compiled_variant),
-                            (torch.bfloat16, (("T1", packed), ("T1 at 512 tokens a pass", dict(pass_tokens=512)))
-                             + compiled_variant)):
+                            (torch.bfloat16, (("T1", packed), ("T1 at 512 tokens a pass", dict(pass_tokens=512)),
+                                              ("plain+lora16", {}), ("T1+lora16", packed))
+                             + compiled_variant + tuple((n + "+lora16", kw) for n, kw in compiled_variant))):
         compute_in(model, dtype)
         results = {}
         for name, kw in (("plain", {}),) + variants:
             model.zero_grad(set_to_none=True)
-            with contextlib.nullcontext() if name.endswith("-compile") else compiled.eager():
+            # "+lora16": the LoRA matmuls in bf16 (--lora_in_compute_dtype), against the fp32-LoRA plain path
+            with (contextlib.nullcontext() if "-compile" in name else compiled.eager()), \
+                    computing_in(model, torch.bfloat16 if name.endswith("+lora16") else None):
                 loss = float(configure(model, **kw)(win))
             results[name] = (loss, grads(model))
         ref_loss, ref_grad = results.pop("plain")
@@ -180,7 +185,7 @@ def gate_paths(model, win, with_compiled):
 def train_speed(model, line, g, *, batch, seq, accum, steps, pass_tokens=0, graphs=None, windows=None):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, "paged_adamw_32bit", lr=3e-4)  # as train.py: optim.FlatPagedAdamW
-    if line.endswith("-compile"):
+    if "-compile" in line:
         fresh_compile()
     run = configure(model, pass_tokens=pass_tokens, graphs=graphs)
     model.train()
@@ -195,7 +200,7 @@ def train_speed(model, line, g, *, batch, seq, accum, steps, pass_tokens=0, grap
     t = sync_time()
     # Warm-up: the first window; a "-compile" line passes over every window once, compiling each new shape
     # (the timing is then the steady state of a long run, which sees a bounded set of shapes).
-    for win in windows if line.endswith("-compile") else windows[:1]:
+    for win in windows if "-compile" in line else windows[:1]:
         step(win)
     first_s = sync_time() - t
     torch.cuda.reset_peak_memory_stats()
@@ -331,7 +336,7 @@ def main():
         profile(model, g, args.profile)
     if "G1" in lines or "G1-compile" in lines:  # first: G1-compile compiles the decode step, layers uncompiled
         g1(model, compiled="G1-compile" in lines)
-    with_compiled = any(line.startswith("T") and line.endswith("-compile") for line in lines)
+    with_compiled = any(line.startswith("T") and "-compile" in line for line in lines)
     if with_compiled:  # in place; every line but the "-compile" ones runs under compiled.eager()
         compiled.compile_layers(model)
     tok = records = None
@@ -345,6 +350,12 @@ def main():
         training_lines(model, g, lines, args.steps, t3)
     training_lines(model, g, {line.removesuffix("-compile") for line in lines if line.endswith("-compile")},
                    args.steps, t3, suffix="-compile")
+    lora16 = {line.removesuffix("+lora16") for line in lines if line.endswith("+lora16")}
+    with computing_in(model, torch.bfloat16):  # the LoRA matmuls in bf16, as train.py --lora_in_compute_dtype
+        with compiled.eager():
+            training_lines(model, g, {x for x in lora16 if "-compile" not in x}, args.steps, t3, suffix="+lora16")
+        training_lines(model, g, {x.removesuffix("-compile") for x in lora16 if x.endswith("-compile")},
+                       args.steps, t3, suffix="-compile+lora16")
     # The gates after the timed lines, which thus run in the state a training run's do (the gates' fp32 round
     # trip was suspected of slowing what follows; bench/NOTES.md #17); they check the same code either way.
     if "gate" in lines:  # the plain reference runs eagerly, the "-compile" variant compiled

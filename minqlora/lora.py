@@ -22,6 +22,7 @@ write files peft loads. Checked against peft's `LoraLayer` / `lora.Linear`
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -51,6 +52,7 @@ class LoRALinear(nn.Module):
         self.alpha = alpha
         self.scaling = alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.compute_dtype: torch.dtype | None = None  # the low-rank matmuls' dtype; None: the weights' (fp32)
         # Master weights in fp32 on the base layer's device, whatever the model's dtype.
         device = base_layer.weight.device
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
@@ -66,14 +68,17 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        # The low-rank path runs in the adapter's dtype (fp32), as peft computes it. (bf16 here, as qlora.py's
-        # --bf16 does, was measured: 5% faster at batch 16 x 256, gradient cosine 0.997 vs fp32; bench/NOTES.md.)
-        h = F.linear(self.lora_dropout(x).to(self.lora_A.weight.dtype), self.lora_A.weight)  # (..., r)
+        # The low-rank path runs in the adapter's dtype (fp32), as peft computes it; `compute_dtype` (train.py's
+        # --lora_in_compute_dtype) runs its matmuls in the model's bf16 instead, as qlora.py's --bf16 casts its
+        # LoRA layers, while the weights stay fp32 (their gradients arrive through the casts). bench/NOTES.md #2.
+        dtype = self.compute_dtype or self.lora_A.weight.dtype
+        a, b = self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype)  # no-ops in the default fp32
+        h = F.linear(self.lora_dropout(x).to(dtype), a)  # (..., r)
         if math.frexp(self.scaling)[0] == 0.5:  # 2^k scales exactly: the same bits on the r-wide tensor
             # (alpha 16 / r 64 = 0.25 as in QLoRA) as on the out-wide one, for a fraction of the work
-            h = F.linear(h * self.scaling, self.lora_B.weight)  # (..., out)
+            h = F.linear(h * self.scaling, b)  # (..., out)
         else:
-            h = F.linear(h, self.lora_B.weight) * self.scaling  # (..., out), peft's order
+            h = F.linear(h, b) * self.scaling  # (..., out), peft's order
         if isinstance(self.base_layer, Linear4bit):
             # peft's 4-bit layer (tuners/lora/bnb.py) casts the low-rank output to the result's dtype,
             # then adds: a bf16 model scores exactly as transformers + peft (the course's ppl.py) do.
@@ -90,6 +95,24 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"
+
+
+def set_compute_dtype(model: nn.Module, dtype: torch.dtype | None):
+    """Run every LoRA layer's low-rank matmuls in `dtype` (None: in the adapter weights' own fp32)."""
+    for m in lora_modules(model).values():
+        m.compute_dtype = dtype
+
+
+@contextlib.contextmanager
+def computing_in(model: nn.Module, dtype: torch.dtype | None):
+    """`set_compute_dtype` inside the block; each layer's previous setting after it."""
+    before = {name: m.compute_dtype for name, m in lora_modules(model).items()}
+    set_compute_dtype(model, dtype)
+    try:
+        yield
+    finally:
+        for name, m in lora_modules(model).items():
+            m.compute_dtype = before.get(name)
 
 
 def _is_target(name: str, targets: list[str]) -> str | None:

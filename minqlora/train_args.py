@@ -109,6 +109,11 @@ class TrainingArguments:
     lora_r: int = _f(64, "LoRA rank")
     lora_alpha: float = _f(16, "LoRA alpha (update scaled by alpha / r)")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input")
+    lora_in_compute_dtype: bool = _f(False, "Run the LoRA matmuls of training passes in the model's dtype (bf16 "
+                                     "with --bf16), as qlora.py casts its LoRA layers; the LoRA weights, "
+                                     "their gradients and the optimizer stay fp32, and evaluation stays fp32 "
+                                     "(as peft scores). Faster (bench/NOTES.md #18), gradients within bf16's "
+                                     "rounding. Off: fp32, as peft computes them")
     lora_modules: str = _f("all", "LoRA targets: all (every linear but lm_head) or names, e.g. q_proj,v_proj")
     train_on_source: bool = _f(False, "Also score the prompt tokens")
     gradient_checkpointing: bool = _f(True, "Recompute each layer in backward (less memory, ~30%% slower)")

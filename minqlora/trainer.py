@@ -38,7 +38,7 @@ from .curves import RunLog, redraw_curves
 from .data import DataOrder, collate
 from .errors import MEMORY_HINT, Interrupted, TrainingError
 from .loader import load_model, resolve_device_dtype, weight_files
-from .lora import apply_lora
+from .lora import apply_lora, computing_in, set_compute_dtype
 from .loss import causal_lm_loss
 from .optim import build_optimizer, build_scheduler, describe_schedule, quiet_cpu_paging, warmup_steps_for
 from .perplexity import eval_nll, mean_perplexity, perplexities
@@ -85,6 +85,9 @@ def setup(a: RunArgs, progress: bool, world: distributed.World) -> Run:
     model = load_model(m.model_name_or_path, bits=t.bits, quant_type=t.quant_type, double_quant=t.double_quant,
                        dtype=dtype, device=device, progress=progress)
     apply_lora(model, r=t.lora_r, alpha=t.lora_alpha, dropout=t.lora_dropout, targets=targets)  # + freeze_base
+    if t.lora_in_compute_dtype and dtype != torch.float32:  # the low-rank matmuls in bf16/fp16, weights fp32
+        set_compute_dtype(model, dtype)
+        say(f"LoRA matmuls of training passes in {str(dtype)[6:]}; weights, optimizer and evaluation in float32")
     model.model.gradient_checkpointing = t.gradient_checkpointing
     if use_compile:  # in place: names and state dict unchanged; evaluate() runs eagerly
         compiled.compile_layers(model)
@@ -219,7 +222,8 @@ def evaluate(run: Run):
     """Eval loss and the course metric (mean perplexity); a new best goes to OUTPUT_DIR/best."""
     t, st, t0, world = run.args.train, run.state, time.perf_counter(), run.world
     # Each process scores its share of the examples (distributed.shard); the sums and lists are gathered.
-    with compiled.eager():  # --torch_compile compiles training passes; eval batches would each compile
+    # Eagerly (each eval shape would compile) and with fp32 LoRA matmuls: the numbers peft's layers compute.
+    with compiled.eager(), computing_in(run.model, None):
         total, count = distributed.sum_all(eval_nll(run.model, distributed.shard(run.eval_ex, world),
                                                     t.per_device_eval_batch_size, run.tok.pad_id, run.device),
                                            world, run.device)

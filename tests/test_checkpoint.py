@@ -45,16 +45,19 @@ def _assert_same_run(a, b, extra_evals=()):
 
 
 @needs_tiny
-def test_resume_after_stop_and_after_ctrl_c_equals_a_straight_run(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_resume_after_stop_and_after_ctrl_c_equals_a_straight_run(tmp_path, monkeypatch, capsys, device):
+    """On a GPU too: there the optimizer's moments are paged (bitsandbytes' unified memory) and packed passes
+    are the default."""
     import minqlora.trainer as trainer
     straight = tmp_path / "straight"
-    assert train_main(_resume_args(tmp_path, straight, 6)) == 0
+    assert train_main(_resume_args(tmp_path, straight, 6, device=device)) == 0
     # N steps, stop; then resume to 2N with a higher --max_steps
     split = tmp_path / "split"
-    assert train_main(_resume_args(tmp_path, split, 3)) == 0
+    assert train_main(_resume_args(tmp_path, split, 3, device=device)) == 0
     assert (split / "completed").exists()
     capsys.readouterr()
-    assert train_main(_resume_args(tmp_path, split, 6, resume_from_checkpoint="latest")) == 0
+    assert train_main(_resume_args(tmp_path, split, 6, resume_from_checkpoint="latest", device=device)) == 0
     assert "schedule changed" not in capsys.readouterr().out  # constant_with_warmup ignores --max_steps
     _assert_same_run(straight, split, extra_evals=(3,))  # the first part ended with an evaluation
     # Ctrl-C during step 5 (epoch 2 has started): a checkpoint of step 4 is written, exit 130
@@ -67,14 +70,15 @@ def test_resume_after_stop_and_after_ctrl_c_equals_a_straight_run(tmp_path, monk
         return real(*args, **kw)
     monkeypatch.setattr(trainer, "accumulate_gradients", interrupt_at_step_5)
     killed = tmp_path / "killed"
-    assert train_main(_resume_args(tmp_path, killed, 6)) == 130
+    assert train_main(_resume_args(tmp_path, killed, 6, device=device)) == 130
     assert "interrupted after step 4" in capsys.readouterr().err
     assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
     state = json.loads((killed / "checkpoint-4" / "trainer_state.json").read_text())
     assert (state["step"], state["epoch"], state["pos"]) == (4, 1, 0)
     assert not (killed / "completed").exists()
     monkeypatch.setattr(trainer, "accumulate_gradients", real)
-    assert train_main(_resume_args(tmp_path, killed, 6, resume_from_checkpoint=killed / "checkpoint-4")) == 0
+    assert train_main(_resume_args(tmp_path, killed, 6, resume_from_checkpoint=killed / "checkpoint-4",
+                                   device=device)) == 0
     _assert_same_run(straight, killed)
 
 

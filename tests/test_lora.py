@@ -290,3 +290,43 @@ def test_power_of_two_scaling_gives_peft_bits(alpha):
         x = torch.randn(257, IN)
         peft_order = layer.base_layer(x) + (x @ layer.lora_A.weight.T @ layer.lora_B.weight.T) * layer.scaling
         assert torch.equal(layer(x), peft_order)
+
+
+def test_lora_in_compute_dtype_matches_qlora_py_casts():
+    """`compute_dtype` (train.py's --lora_in_compute_dtype) on a bf16 4-bit base: the outputs and the A / B
+    gradients of peft's layer after qlora.py's cast of its LoRA modules to bf16, bit for bit, while our
+    weights and their gradients stay fp32. `computing_in` restores the fp32 path after its block."""
+    import bitsandbytes as bnb
+    from minqlora.lora import computing_in, set_compute_dtype
+    torch.manual_seed(0)
+    w = torch.randn(OUT, IN, dtype=torch.bfloat16)
+    ref_base = bnb.nn.Linear4bit(IN, OUT, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    ref_base.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")._quantize("cpu")
+    ref = nn.Sequential(ref_base)
+    ref.is_loaded_in_4bit = True
+    ref = get_peft_model(ref, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["0"]))
+    ours = nn.Sequential(LoRALinear(Linear4bit(ref_base.weight, torch.bfloat16), R, ALPHA))
+    theirs = ref.base_model.model[0]
+    with torch.no_grad():
+        ours[0].lora_A.weight.copy_(torch.randn(R, IN) * 0.3)
+        ours[0].lora_B.weight.copy_(torch.randn(OUT, R) * 0.3)
+        theirs.lora_A["default"].weight.copy_(ours[0].lora_A.weight)
+        theirs.lora_B["default"].weight.copy_(ours[0].lora_B.weight)
+    for n, mod in ref.named_modules():  # qlora.py, after get_peft_model, under --bf16
+        if "lora_" in n:
+            mod.to(torch.bfloat16)
+    x = torch.randn(64, IN, dtype=torch.bfloat16)
+    fp32_path = ours(x).detach()
+    set_compute_dtype(ours, torch.bfloat16)
+    y, y_ref = ours(x), ref(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    assert not torch.equal(y, fp32_path)  # the test tells the two paths apart
+    y.float().square().sum().backward()
+    y_ref.float().square().sum().backward()
+    for name in ("lora_A", "lora_B"):
+        mine, peft_w = getattr(ours[0], name).weight, getattr(theirs, name)["default"].weight
+        assert mine.dtype == mine.grad.dtype == torch.float32 and peft_w.grad.dtype == torch.bfloat16
+        assert torch.equal(mine.grad, peft_w.grad.float())
+    with computing_in(ours, None):
+        assert torch.equal(ours(x), fp32_path)
+    assert ours[0].compute_dtype == torch.bfloat16
