@@ -103,15 +103,17 @@ def several_gpus(py, w, args, shared, out):
     runs = {}
     for n in (1, w):
         runs[n] = run([py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                       HERE / "bench_ddp.py", "--ckpt", args.ckpt, "--shared", shared, "--steps", args.steps],
+                       HERE / "bench_ddp.py", "--ckpt", args.ckpt, "--shared", shared, "--steps", args.steps]
+                      + args.ddp_flags.split(),
                       out / f"ddp_{n}.log")
     gate = next((r for r in runs[w] if r.get("event") == "gate"), None)
     rows = [f"| line | 1 GPU | {w} GPUs | speed-up | peak GiB a GPU (1 / {w}) |", "|---|---|---|---|---|"]
     for line in ("T2", "T3"):
-        one, many = ({r["line"]: r for r in runs[n] if r.get("event") == "train"}.get(line) for n in (1, w))
+        one, many = ({r["line"].split("-")[0].split("+")[0]: r for r in runs[n] if r.get("event") == "train"}.get(line)
+                     for n in (1, w))
         if one and many:
             ratio = "FAIL" if not (gate and gate["ok"]) else f"{many['tokens_per_s'] / one['tokens_per_s']:.2f}x"
-            rows.append(f"| {line} (tokens/s) | {one['tokens_per_s']} | {many['tokens_per_s']} | {ratio} | "
+            rows.append(f"| {one['line']} (tokens/s) | {one['tokens_per_s']} | {many['tokens_per_s']} | {ratio} | "
                         f"{one['peak_gib']} / {many['peak_gib']} |")
     return "\n".join(rows), {"gate": gate, "runs": runs}
 
@@ -128,6 +130,7 @@ def main():
     ap.add_argument("--lines", default=None, help="minqlora's lines to run (bench_qlora.py --lines)")
     ap.add_argument("--profile", default=None, help="write torch profiles of minqlora's steps to this folder")
     ap.add_argument("--gpus", type=int, default=1, help="also T2/T3 of the data-parallel step on 1 and this many GPUs")
+    ap.add_argument("--ddp_flags", default="", help="bench_ddp.py's flags for those runs, e.g. \"--torch_compile --lora16\"")
     args = ap.parse_args()
     shared, out = Path(args.shared).resolve(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

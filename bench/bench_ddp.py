@@ -2,7 +2,8 @@
 run under torchrun once with 1 process and once with W; bench/bench.py --gpus W runs both and prints the
 speed-up. The step is trainer.train_step's: the step's window of micro-batches dealt out over the
 processes by token count (distributed.deal), each weighed by the whole window's counts, the LoRA gradients summed once
-(distributed.reduce_gradients), then clipping and paged AdamW on every process.
+during the last backward pass (distributed.OverlappedReduce; `--reduce after`: after it, reduce_gradients),
+then clipping and paged AdamW on every process.
 
     torchrun --nproc_per_node W bench/bench_ddp.py --ckpt CKPT --shared SHARED
 
@@ -10,7 +11,9 @@ Per process the setting is one GPU's (as transformers counts it, the effective b
     T2  a 16 x 256 micro-batch on each process, accumulation 1
     T3  the course's train.json with the seed's flags: micro-batch 1 x accumulation 16 on each process, over
         the same first 256 records for every W (W times fewer steps)
-A gate first (W > 1), in fp32 as bench_qlora.py's: the gradient summed over the processes against process 0
+--torch_compile compiles each decoder layer (train.py's --torch_compile; the line is then "T2-compile"), --lora16
+runs the LoRA matmuls in bf16 (train.py's --lora_in_compute_dtype; "+lora16").
+A gate last (W > 1), eager, in fp32 as bench_qlora.py's: the gradient summed over the processes against process 0
 alone computing the whole window (loss within 1e-2 relative, gradient cosine >= 0.999).
 """
 import argparse
@@ -25,9 +28,9 @@ import bitsandbytes as bnb  # noqa: E402
 import torch  # noqa: E402
 
 from bench_qlora import PASS_TOKENS, compute_in, gate_weights, grads, random_window, sync_time, t3_windows  # noqa: E402
-from minqlora import accumulate, distributed  # noqa: E402
+from minqlora import accumulate, compiled, distributed  # noqa: E402
 from minqlora.loader import load_model  # noqa: E402
-from minqlora.lora import apply_lora  # noqa: E402
+from minqlora.lora import apply_lora, set_compute_dtype  # noqa: E402
 from minqlora.optim import build_optimizer  # noqa: E402
 from minqlora.tokenizer import Tokenizer  # noqa: E402
 from minqlora.trainer import accumulate_gradients  # noqa: E402
@@ -38,20 +41,37 @@ def log(world, **kw):
         print(json.dumps({"impl": "minqlora", "processes": world.size, **kw}), flush=True)
 
 
-def backward(model, window, world, device):
+class Reducer:
+    """The step's sum over the processes: the trainer's (overlapped with the last backward pass) or, for
+    comparison, reduce_gradients after the backward."""
+
+    def __init__(self, params, world, overlap=True):
+        self.overlapped = distributed.OverlappedReduce(params, world) if overlap else None
+        self.params, self.world = params, world
+        self.arm = self.overlapped.arm if overlap else None
+
+    def finish(self):
+        if self.overlapped:
+            self.overlapped.finish()
+        else:
+            distributed.reduce_gradients(self.params, self.world)
+
+
+def backward(model, window, world, device, reducer):
     """trainer.train_step's gradient: this process's share of `window`, the whole window's weights, summed."""
     loss = accumulate_gradients(model, distributed.deal(window, world), device, "example", pad_id=0,
-                                pass_tokens=PASS_TOKENS, totals=accumulate.step_totals(window))
-    distributed.reduce_gradients([p for p in model.parameters() if p.requires_grad], world)
+                                pass_tokens=PASS_TOKENS, totals=accumulate.step_totals(window),
+                                last_backward=reducer.arm)
+    reducer.finish()
     return distributed.sum_all([loss.item()], world, device)[0]
 
 
-def gate(model, world, device, g):
+def gate(model, world, device, g, reducer):
     window = random_window(g, 1, 256, 8 * world.size)
     with gate_weights(model):  # the same B on every process: the same seed
         compute_in(model, torch.float32)
         model.zero_grad(set_to_none=True)
-        loss = backward(model, window, world, device)
+        loss = backward(model, window, world, device, reducer)
         together = grads(model)
         model.zero_grad(set_to_none=True)
         alone = float(accumulate_gradients(model, window, device, "example", pad_id=0, pass_tokens=PASS_TOKENS))
@@ -63,9 +83,10 @@ def gate(model, world, device, g):
     torch.cuda.empty_cache()
 
 
-def speed(model, world, device, line, windows):
-    """Tokens/s of every process together over windows[1:] (windows[0] warms up), and process 0's seconds a
-    step in each phase: forward + backward of its share, the gradients' all-reduce, clipping + update."""
+def speed(model, world, device, line, windows, reducer):
+    """Tokens/s of every process together over windows[1:] (windows[0] warms up; with compiled layers every
+    window does once, compiling each new shape, as bench_qlora.py's "-compile" lines), and process 0's seconds
+    a step in each phase: forward + backward of its share, the gradients' all-reduce, clipping + update."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, "paged_adamw_32bit", lr=3e-4)  # as train.py: optim.FlatPagedAdamW
     model.train()
@@ -74,9 +95,10 @@ def speed(model, world, device, line, windows):
     def step(window):
         t0 = sync_time()
         accumulate_gradients(model, distributed.deal(window, world), device, "example", pad_id=0,
-                             pass_tokens=PASS_TOKENS, totals=accumulate.step_totals(window))
-        t1 = sync_time()
-        distributed.reduce_gradients(params, world)
+                             pass_tokens=PASS_TOKENS, totals=accumulate.step_totals(window),
+                             last_backward=reducer.arm)
+        t1 = sync_time()  # (overlapped: the all-reduces sent during the backward are done here too)
+        reducer.finish()
         t2 = sync_time()
         torch.nn.utils.clip_grad_norm_(params, 0.3)
         opt.step()
@@ -85,7 +107,8 @@ def speed(model, world, device, line, windows):
         for i, dt in enumerate((t1 - t0, t2 - t1, t3 - t2)):
             phases[i] += dt
 
-    step(windows[0])
+    for window in windows if "-compile" in line else windows[:1]:
+        step(window)
     phases[:] = [0.0, 0.0, 0.0]
     torch.cuda.reset_peak_memory_stats()
     distributed.barrier(world)
@@ -96,7 +119,8 @@ def speed(model, world, device, line, windows):
     n = len(windows) - 1
     tokens = sum(int(b["attention_mask"].sum()) for w in windows[1:] for b in w)
     backward_s = distributed.gather([round(phases[0] / n, 4)], world)  # every process's: the skew shows
-    log(world, event="train", line=line, tokens=tokens, opt_steps=n, tokens_per_s=round(tokens / dt, 1),
+    log(world, event="train", line=line, reduce="overlap" if reducer.overlapped else "after", tokens=tokens,
+        opt_steps=n, tokens_per_s=round(tokens / dt, 1),
         s_per_opt_step=round(dt / n, 3), s_backward=backward_s, s_all_reduce=round(phases[1] / n, 4),
         s_update=round(phases[2] / n, 4), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
 
@@ -109,6 +133,10 @@ def main():
     ap.add_argument("--t3_records", type=int, default=256, help="T3's records, the same for every W (the first "
                     "window again as the warm-up)")
     ap.add_argument("--skip_gate", action="store_true", help="no gate (to see whether it changes the speed)")
+    ap.add_argument("--torch_compile", action="store_true", help="compile each decoder layer (lines \"-compile\")")
+    ap.add_argument("--lora16", action="store_true", help="the LoRA matmuls in bf16 (lines \"+lora16\")")
+    ap.add_argument("--reduce", choices=["overlap", "after"], default="overlap",
+                    help="sum the gradients during the last backward pass (the trainer's) or after it")
     args = ap.parse_args()
     world = distributed.start("cuda")
     device = torch.device("cuda", world.local_rank)
@@ -119,8 +147,15 @@ def main():
                        device=device, progress=False)
     apply_lora(model, r=64, alpha=16, dropout=0.01, targets="all", verbose=world.main)
     model.model.gradient_checkpointing = True
+    suffix = ("-compile" if args.torch_compile else "") + ("+lora16" if args.lora16 else "")
+    if args.torch_compile:  # the first step of each shape compiles: the warm-up step (T2) or window (T3)
+        compiled.compile_layers(model)
+    if args.lora16:
+        set_compute_dtype(model, torch.bfloat16)
     g = torch.Generator().manual_seed(0)  # the same windows on every process: each takes its share
-    speed(model, world, device, "T2", [random_window(g, 16, 256, world.size) for _ in range(args.steps + 1)])
+    reducer = Reducer([p for p in model.parameters() if p.requires_grad], world, overlap=args.reduce == "overlap")
+    speed(model, world, device, "T2" + suffix, [random_window(g, 16, 256, world.size) for _ in range(args.steps + 1)],
+          reducer)
     if world.size > 1:  # what the step's one communication costs: the LoRA gradients' all-reduce alone
         params = [p for p in model.parameters() if p.requires_grad]
         for p in params:
@@ -136,11 +171,14 @@ def main():
     if args.shared:
         tok = Tokenizer.from_dir(Path(args.shared) / "tokenizers/llama2")
         records = json.loads((Path(args.shared) / "data/adl2023-hw3/train.json").read_text(encoding="utf-8"))
-        speed(model, world, device, "T3", t3_windows(tok, records[:args.t3_records], 16 * world.size))
+        speed(model, world, device, "T3" + suffix, t3_windows(tok, records[:args.t3_records], 16 * world.size),
+              reducer)
     # The gate last, so that the timed steps run on a process in the state the trainer's are (first suspected of
     # slowing them; moving it did not change the figures: bench/NOTES.md #17).
-    if world.size > 1 and not args.skip_gate:
-        gate(model, world, device, g)
+    if world.size > 1 and not args.skip_gate:  # eager, with fp32 LoRA: it checks the sharding of the step
+        set_compute_dtype(model, None)
+        with compiled.eager():
+            gate(model, world, device, g, reducer)
     distributed.stop(world)
 
 

@@ -116,11 +116,14 @@ class GraphedLoss:
         return self.graphs[key](ids, labels, w)
 
 
-def graphed(model, window, device, normalization="example", scaler=None, *, graphs: GraphedLoss, totals=None):
+def graphed(model, window, device, normalization="example", scaler=None, *, graphs: GraphedLoss, totals=None,
+            last_backward=None):
     """One pass per micro-batch, each pass's forward and backward replayed from `graphs`; the step's loss."""
     step_loss = torch.zeros((), device=device)
-    for b, w in zip(window, token_weights(window, normalization, totals)):
+    for i, (b, w) in enumerate(zip(window, token_weights(window, normalization, totals))):
         loss = graphs(model, b["input_ids"].to(device), b["labels"].to(device), w.to(device))
+        if last_backward and i == len(window) - 1:
+            last_backward()
         (scaler.scale(loss) if scaler else loss).backward()
         step_loss += loss.detach()
     return step_loss
@@ -158,11 +161,15 @@ def pack(window, weights, pad_id: int, pass_tokens: int, multiple: int = 64
 
 
 def packed(model, window, device, normalization="example", scaler=None, *, pad_id: int = 0,
-           pass_tokens: int = 4096, totals=None) -> torch.Tensor:
-    """The fast path: the same weighted loss and gradient as `plain`, in ceil(tokens / pass_tokens) passes."""
+           pass_tokens: int = 4096, totals=None, last_backward=None) -> torch.Tensor:
+    """The fast path: the same weighted loss and gradient as `plain`, in ceil(tokens / pass_tokens) passes.
+    `last_backward()`, if given, is called just before the last backward pass (distributed.OverlappedReduce)."""
     step_loss = torch.zeros((), device=device)
-    for ids, labels, w in pack(window, token_weights(window, normalization, totals), pad_id, pass_tokens):
+    passes = pack(window, token_weights(window, normalization, totals), pad_id, pass_tokens)
+    for i, (ids, labels, w) in enumerate(passes):
         loss = scored_loss(model, ids, labels, w)
+        if last_backward and i == len(passes) - 1:
+            last_backward()
         (scaler.scale(loss) if scaler else loss).backward()
         step_loss += loss.detach()
     return step_loss

@@ -9,16 +9,18 @@ gloo on the CPU. What the trainer and the scripts do with a World:
 - training: a step's window of K x W micro-batches (K = --gradient_accumulation_steps, W processes) is
   dealt out by token count (`deal`: longest first, each to the process with the fewest tokens); each
   process weighs its tokens by the whole step's counts (accumulate.step_totals), so the sum of the
-  processes' gradients is the gradient one process with accumulation K x W computes; `reduce_gradients`
-  sums them once, after the last micro-batch (no communication on the micro-steps in between), then every
+  processes' gradients is the gradient one process with accumulation K x W computes; `OverlappedReduce`
+  sums them once, during the last micro-batch's backward (no communication on the micro-steps before), then every
   process clips and steps the same optimizer on the same numbers, and the replicas stay equal;
 - evaluation, ppl.py and predict.py: record i to process i mod W (`shard`), the results gathered back in
   record order (`gather`);
 - only process 0 (`main`) writes files and prints; every process reads the same checkpoint to resume.
-This is DistributedDataParallel's arithmetic, written as one explicit all-reduce of a flat buffer instead
-of torch's DDP wrapper, whose hooks overlap communication with the backward pass: here that is ~160M fp32
-LoRA numbers once a step, milliseconds against a step of seconds, and the explicit call works unchanged
-under gradient checkpointing, packed passes and CUDA-graphed passes (accumulate.py).
+This is DistributedDataParallel's arithmetic, written out: `reduce_gradients` sums the gradients in a few
+flat buffers after the backward; `OverlappedReduce` (the trainer's) sums the same buffers but starts each
+during the step's last backward pass, as soon as backward has finished its gradients (torch's DDP overlaps
+communication the same way, with hooks; its wrapper is not used because its hooks would also fire on the
+micro-steps and inside packed and CUDA-graphed passes). On two H200s that hides most of the ~10-30 ms a step
+of summing a 7B's ~160M fp32 LoRA numbers behind a ~0.4 s pass (bench/NOTES.md #21).
 No paper section; checked in tests/test_distributed.py (2 gloo processes against 1 process).
 """
 from __future__ import annotations
@@ -173,3 +175,64 @@ def reduce_gradients(params: list[torch.Tensor], world: World, bucket: int = 1 <
                 q.grad.copy_(flat[offset:offset + q.numel()].view_as(q.grad))
                 offset += q.numel()
             group, size = [], 0
+
+
+class OverlappedReduce:
+    """`reduce_gradients`'s sum, started during the step's last backward pass. `arm()` just before that pass
+    (accumulate.py's `last_backward`), `finish()` after it: then every gradient is the sum over the processes.
+
+    The buckets hold the parameters in reverse order, the order in which backward finishes their gradients
+    (last layer first); a post-accumulate-grad hook counts each parameter in once, and each bucket is sent
+    (an async all-reduce) when it and every bucket before it are complete, so that every process issues the
+    same all-reduces in the same order. What has not been sent by `finish()` (a process that had no
+    micro-batch, a parameter without a gradient) is sent then, zeros for a missing gradient."""
+
+    def __init__(self, params: list[torch.Tensor], world: World, bucket: int = 1 << 25):
+        self.world, self.buckets, group, size = world, [], [], 0
+        for p in reversed(params):
+            group.append(p)
+            size += p.numel()
+            if size >= bucket or p is params[0]:
+                self.buckets.append(group)
+                group, size = [], 0
+        self.bucket_of = {id(p): k for k, b in enumerate(self.buckets) for p in b}
+        self.hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in params] if world.size > 1 else []
+        self.armed = False
+
+    def arm(self):
+        self.armed, self.seen, self.next, self.sent = True, set(), 0, []
+        self.missing = [len(b) for b in self.buckets]
+
+    def _ready(self, p):
+        if not self.armed or id(p) in self.seen:
+            return
+        self.seen.add(id(p))
+        self.missing[self.bucket_of[id(p)]] -= 1
+        while self.next < len(self.buckets) and self.missing[self.next] == 0:
+            self._send()
+
+    def _send(self):
+        group = self.buckets[self.next]
+        flat = torch.cat([q.grad.reshape(-1) for q in group])  # (numbers in the bucket,)
+        self.sent.append((group, flat, dist.all_reduce(flat, async_op=True)))
+        self.next += 1
+
+    def finish(self):
+        if self.world.size == 1:
+            return
+        if not self.armed:  # no backward pass on this process this step
+            self.arm()
+        self.armed = False
+        for group in self.buckets[self.next:]:
+            for p in group:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        while self.next < len(self.buckets):
+            self._send()
+        for group, flat, work in self.sent:
+            work.wait()
+            offset = 0
+            for q in group:
+                q.grad.copy_(flat[offset:offset + q.numel()].view_as(q.grad))
+                offset += q.numel()
+        self.sent = []

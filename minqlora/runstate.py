@@ -72,6 +72,7 @@ class Run:
     pass_tokens: int = 0  # the packed fast path's tokens a pass (0: one pass per micro-batch)
     graphs: accumulate.GraphedLoss | None = None  # the CUDA-graph fast path (--cuda_graphs)
     world: distributed.World = distributed.World()  # the processes torchrun started (one without it)
+    reducer: distributed.OverlappedReduce | None = None  # sums the gradients over those processes
 
     def elapsed(self):
         return round(self.state.elapsed + time.perf_counter() - self.started, 2)

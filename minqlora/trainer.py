@@ -111,6 +111,7 @@ def setup(a: RunArgs, progress: bool, world: distributed.World) -> Run:
               eval_records=eval_records, metric_prompt=metric_prompt, total_steps=total_steps, state=RunState(),
               started=started, world=world)
     run.pass_tokens, run.graphs = pass_tokens, accumulate.GraphedLoss(tok.pad_id) if use_graphs else None
+    run.reducer = distributed.OverlappedReduce(params, world)
     say(f"training passes: {fast}" + (f"; {compile_words}" if use_compile else ""))
     if resume is not None:  # loads and checks the checkpoint; refuses before any file is touched
         ckpt.resume_run(run, resume, hyper, say)
@@ -145,29 +146,33 @@ def setup(a: RunArgs, progress: bool, world: distributed.World) -> Run:
 
 
 def accumulate_gradients(model, window, device, normalization="example", scaler=None, *, pad_id=0,
-                         pass_tokens=0, graphs=None, totals=None) -> torch.Tensor:
+                         pass_tokens=0, graphs=None, totals=None, last_backward=None) -> torch.Tensor:
     """Forward and backward each micro-batch of one optimizer step; return the step's loss (detached).
 
     example: each micro-batch's mean over its own target tokens, / K;  token: the sum over all target
     tokens of the K micro-batches / their count, counted before the first backward. `totals` (K, N): the
     whole step's, when `window` is one process's share of it (default: the window's own). The fast paths
-    of accumulate.py compute the same gradient: packed passes (pass_tokens > 0) or CUDA graphs (graphs)."""
+    of accumulate.py compute the same gradient: packed passes (pass_tokens > 0) or CUDA graphs (graphs).
+    `last_backward()` is called just before the last backward pass (distributed.OverlappedReduce.arm)."""
     if not window:  # this process's share of a step's short last window can be empty
         return torch.zeros((), device=device)
     if pass_tokens > 0:
         return accumulate.packed(model, window, device, normalization, scaler, pad_id=pad_id,
-                                 pass_tokens=pass_tokens, totals=totals)
+                                 pass_tokens=pass_tokens, totals=totals, last_backward=last_backward)
     if graphs is not None:
-        return accumulate.graphed(model, window, device, normalization, scaler, graphs=graphs, totals=totals)
+        return accumulate.graphed(model, window, device, normalization, scaler, graphs=graphs, totals=totals,
+                                  last_backward=last_backward)
     K, N = totals or accumulate.step_totals(window)
     step_loss = torch.zeros((), device=device)
-    for b in window:
+    for i, b in enumerate(window):
         logits = model(b["input_ids"].to(device))  # (B, T, V)
         labels = b["labels"].to(device)
         if normalization == "token":
             loss = causal_lm_loss(logits, labels, reduction="sum")[0] / max(N, 1)
         else:
             loss = causal_lm_loss(logits, labels, reduction="mean") / K
+        if last_backward and i == len(window) - 1:
+            last_backward()
         (scaler.scale(loss) if scaler else loss).backward()
         step_loss += loss.detach()
     return step_loss
@@ -181,12 +186,12 @@ def train_step(run: Run) -> tuple[float, float, float, int]:
     if not window:  # resume_run refuses a position past the data; reaching this is a bug
         raise RuntimeError(f"empty step at epoch {run.order.epoch}, micro-batch {run.order.pos}")
     # This process's micro-batches of the step, weighed by the whole step's counts (distributed.py).
+    # Several processes: their gradients summed once, during the last micro-batch's backward pass.
     step_loss = accumulate_gradients(run.model, distributed.deal(window, run.world), run.device,
                                      t.loss_normalization, scaler, pad_id=run.tok.pad_id,
                                      pass_tokens=run.pass_tokens, graphs=run.graphs,
-                                     totals=accumulate.step_totals(window))
-    # Several processes: sum their gradients once, after the last micro-batch, and their losses.
-    distributed.reduce_gradients(run.params, run.world)
+                                     totals=accumulate.step_totals(window), last_backward=run.reducer.arm)
+    run.reducer.finish()  # waits for those sums; and their losses:
     if run.world.size > 1:
         step_loss = torch.tensor(distributed.sum_all([step_loss.item()], run.world, run.device)[0])
     if scaler:

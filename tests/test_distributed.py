@@ -187,3 +187,11 @@ def test_deal_partitions_a_window_and_balances_its_tokens():
     equal = [{"attention_mask": torch.ones(1, 8, dtype=torch.long), "i": i} for i in range(5)]
     assert [b["i"] for b in deal(equal, World(rank=1, size=2))] == [1, 3]  # equal sizes: as shard deals them
     assert deal(window, World(rank=0, size=1)) == window
+
+
+def test_overlapped_reduce_sums_as_reduce_gradients():
+    """The trainer's all-reduce started during the last backward pass (distributed.OverlappedReduce, many
+    buckets) gives reduce_gradients' sums exactly, also when one process has no backward pass in the step."""
+    rc, out = torchrun(ROOT / "tests" / "_overlapped_reduce.py", [])
+    assert rc == 0, out
+    assert out.count("equal over") == 2, out
