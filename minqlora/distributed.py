@@ -187,7 +187,8 @@ class OverlappedReduce:
     same all-reduces in the same order. What has not been sent by `finish()` (a process that had no
     micro-batch, a parameter without a gradient) is sent then, zeros for a missing gradient."""
 
-    def __init__(self, params: list[torch.Tensor], world: World, bucket: int = 1 << 25):
+    def __init__(self, params: list[torch.Tensor], world: World, bucket: int = 1 << 22):
+        # 16 MB buckets: the last one, sent only when backward ends, is ~3% of a 7B's LoRA numbers
         self.world, self.buckets, group, size = world, [], [], 0
         for p in reversed(params):
             group.append(p)
