@@ -130,7 +130,8 @@ def main():
     ap.add_argument("--lines", default=None, help="minqlora's lines to run (bench_qlora.py --lines)")
     ap.add_argument("--profile", default=None, help="write torch profiles of minqlora's steps to this folder")
     ap.add_argument("--gpus", type=int, default=1, help="also T2/T3 of the data-parallel step on 1 and this many GPUs")
-    ap.add_argument("--ddp_flags", default="", help="bench_ddp.py's flags for those runs, e.g. \"--torch_compile --lora16\"")
+    ap.add_argument("--ddp_flags", default="",
+                    help="bench_ddp.py's flags for those runs, e.g. \"--torch_compile --lora16\"")
     args = ap.parse_args()
     shared, out = Path(args.shared).resolve(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,11 +10,10 @@ LR schedule. One optimizer step = `gradient_accumulation_steps` micro-batches of
              equals one batch of K * B examples; the tokens are counted before the backward passes)
 K is the number of micro-batches in the step: gradient_accumulation_steps, except at the end of an
 epoch where fewer may remain. bf16/fp16 training sets the model's dtype (no autocast); the LoRA
-weights and the optimizer state stay fp32, and fp16 adds a gradient scaler; a step the scaler skips
-(inf/NaN gradients) does not advance the LR schedule, as in transformers' Trainer. No checkpoint holds
-non-finite LoRA weights. Checked against transformers + peft gradients and exact resume in
-tests/test_train.py and tests/test_checkpoint.py.
-"""
+weights (and their matmuls, unless --lora_in_compute_dtype) and the optimizer state stay fp32, and fp16
+adds a gradient scaler; a step the scaler skips (inf/NaN gradients) does not advance the LR schedule, as in
+transformers' Trainer. No checkpoint holds non-finite LoRA weights. Checked (gradients against
+transformers + peft, exact resume) in tests/test_train.py and tests/test_checkpoint.py."""
 from __future__ import annotations
 
 import contextlib
@@ -27,10 +26,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import accumulate
+from . import accumulate, compiled, distributed
 from . import checkpoint as ckpt
-from . import compiled
-from . import distributed
 from .atomic import atomic_file
 from .chat import prompt_for
 from .config import LlamaConfig
@@ -128,8 +125,7 @@ def setup(a: RunArgs, progress: bool, world: distributed.World) -> Run:
     (run.state.best_step, run.state.best_ppl, run.state.best_loss, run.state.bad_evals) = \
         distributed.from_main(best, world)  # restore_best may have forgotten a best no longer on disk
 
-    fresh = resume is None or not (out / "log.jsonl").exists()  # a new run, or resumed into a new folder
-    fresh = distributed.from_main(fresh, world)
+    fresh = distributed.from_main(resume is None or not (out / "log.jsonl").exists(), world)  # new run or folder
     run.log = RunLog(out / "log.jsonl", keep_until_step=None if fresh else run.state.step) if world.main else NoLog()
     if fresh and world.main:
         with atomic_file(out / "run_config.json") as f:
@@ -153,7 +149,7 @@ def accumulate_gradients(model, window, device, normalization="example", scaler=
     tokens of the K micro-batches / their count, counted before the first backward. `totals` (K, N): the
     whole step's, when `window` is one process's share of it (default: the window's own). The fast paths
     of accumulate.py compute the same gradient: packed passes (pass_tokens > 0) or CUDA graphs (graphs).
-    `last_backward()` is called just before the last backward pass (distributed.OverlappedReduce.arm)."""
+    `last_backward()`, just before the last backward pass: distributed.OverlappedReduce.arm."""
     if not window:  # this process's share of a step's short last window can be empty
         return torch.zeros((), device=device)
     if pass_tokens > 0:
@@ -165,12 +161,9 @@ def accumulate_gradients(model, window, device, normalization="example", scaler=
     K, N = totals or accumulate.step_totals(window)
     step_loss = torch.zeros((), device=device)
     for i, b in enumerate(window):
-        logits = model(b["input_ids"].to(device))  # (B, T, V)
-        labels = b["labels"].to(device)
-        if normalization == "token":
-            loss = causal_lm_loss(logits, labels, reduction="sum")[0] / max(N, 1)
-        else:
-            loss = causal_lm_loss(logits, labels, reduction="mean") / K
+        logits, labels = model(b["input_ids"].to(device)), b["labels"].to(device)  # (B, T, V), (B, T)
+        loss = (causal_lm_loss(logits, labels, reduction="sum")[0] / max(N, 1) if normalization == "token"
+                else causal_lm_loss(logits, labels, reduction="mean") / K)
         if last_backward and i == len(window) - 1:
             last_backward()
         (scaler.scale(loss) if scaler else loss).backward()
@@ -185,8 +178,7 @@ def train_step(run: Run) -> tuple[float, float, float, int]:
     window = [collate([run.train_ex[i] for i in idx], run.tok.pad_id) for idx in run.order.window()]
     if not window:  # resume_run refuses a position past the data; reaching this is a bug
         raise RuntimeError(f"empty step at epoch {run.order.epoch}, micro-batch {run.order.pos}")
-    # This process's micro-batches of the step, weighed by the whole step's counts (distributed.py).
-    # Several processes: their gradients summed once, during the last micro-batch's backward pass.
+    # This process's micro-batches, weighed by the whole step's counts; the sum over processes starts in the last.
     step_loss = accumulate_gradients(run.model, distributed.deal(window, run.world), run.device,
                                      t.loss_normalization, scaler, pad_id=run.tok.pad_id,
                                      pass_tokens=run.pass_tokens, graphs=run.graphs,
