@@ -170,11 +170,16 @@ def reduce_gradients(params: list[torch.Tensor], world: World, bucket: int = 1 <
         if size >= bucket or i == len(params) - 1:
             flat = torch.cat([q.grad.reshape(-1) for q in group])  # (size,)
             dist.all_reduce(flat)
-            offset = 0
-            for q in group:
-                q.grad.copy_(flat[offset:offset + q.numel()].view_as(q.grad))
-                offset += q.numel()
+            _unflatten_grads(group, flat)
             group, size = [], 0
+
+
+def _unflatten_grads(group: list[torch.Tensor], flat: torch.Tensor):
+    """Copy a bucket's summed numbers back into its parameters' .grad, in order."""
+    offset = 0
+    for q in group:
+        q.grad.copy_(flat[offset:offset + q.numel()].view_as(q.grad))
+        offset += q.numel()
 
 
 class OverlappedReduce:
@@ -232,8 +237,5 @@ class OverlappedReduce:
             self._send()
         for group, flat, work in self.sent:
             work.wait()
-            offset = 0
-            for q in group:
-                q.grad.copy_(flat[offset:offset + q.numel()].view_as(q.grad))
-                offset += q.numel()
+            _unflatten_grads(group, flat)
         self.sent = []
