@@ -163,15 +163,22 @@ def reduce_gradients(params: list[torch.Tensor], world: World, bucket: int = 1 <
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    group, size = [], 0
-    for i, p in enumerate(params):
+    for group in _buckets(params, bucket):
+        flat = torch.cat([q.grad.reshape(-1) for q in group])  # (numbers in the bucket,)
+        dist.all_reduce(flat)
+        _unflatten_grads(group, flat)
+
+
+def _buckets(params: list[torch.Tensor], bucket: int) -> list[list[torch.Tensor]]:
+    """`params` in order, cut into groups, each closed once it holds `bucket` numbers (the last: the rest)."""
+    groups, group, size = [], [], 0
+    for p in params:
         group.append(p)
         size += p.numel()
-        if size >= bucket or i == len(params) - 1:
-            flat = torch.cat([q.grad.reshape(-1) for q in group])  # (size,)
-            dist.all_reduce(flat)
-            _unflatten_grads(group, flat)
+        if size >= bucket:
+            groups.append(group)
             group, size = [], 0
+    return groups + [group] if group else groups
 
 
 def _unflatten_grads(group: list[torch.Tensor], flat: torch.Tensor):
@@ -194,13 +201,7 @@ class OverlappedReduce:
 
     def __init__(self, params: list[torch.Tensor], world: World, bucket: int = 1 << 22):
         # 16 MB buckets: the last one, sent only when backward ends, is ~3% of a 7B's LoRA numbers
-        self.world, self.buckets, group, size = world, [], [], 0
-        for p in reversed(params):
-            group.append(p)
-            size += p.numel()
-            if size >= bucket or p is params[0]:
-                self.buckets.append(group)
-                group, size = [], 0
+        self.world, self.buckets = world, _buckets(params[::-1], bucket)
         self.bucket_of = {id(p): k for k, b in enumerate(self.buckets) for p in b}
         self.hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in params] if world.size > 1 else []
         self.armed = False
