@@ -1,7 +1,8 @@
 """Decoding lines of the benchmark (bench_qlora.py's G1 and G1-compile), and a probe of the decode step.
 
-G1: greedy, batch 1, 64-token prompt, 128 new tokens, decode="graph" (the plain step's kernels replayed from
-a CUDA graph: bit for bit the plain path). G1-compile: the same with decode="compile" (torch.compile over the
+G1: greedy, batch 1, 64-token prompt, 128 new tokens, decode="graph" (the step captured once as a CUDA graph
+and kept between calls, as generate() keeps it; its elementwise work in minqlora.fused's kernels, which round
+as the plain modules do: bit for bit the plain path; also timed with a capture per call and unfused). G1-compile: the same with decode="compile" (torch.compile over the
 step, then a CUDA graph); its first call compiles, and compile_s is that call's time less a steady call's.
 
 Gates, in bf16: the first 32 greedy tokens equal the plain path's. A random 7B's bf16 logits are near-tied so
@@ -24,10 +25,10 @@ import torch  # noqa: E402
 from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from minqlora import generate  # noqa: E402
-from minqlora.generate import generate_ids  # noqa: E402
+from minqlora import fused, generate  # noqa: E402
+from minqlora.generate import DecodeGraphs, generate_ids  # noqa: E402
 from minqlora.loader import load_model  # noqa: E402
-from minqlora.lora import apply_lora  # noqa: E402
+from minqlora.lora import LoRALinear, apply_lora  # noqa: E402
 from minqlora.model import KVCache, RMSNorm  # noqa: E402
 from minqlora.nf4 import Linear4bit  # noqa: E402
 
@@ -64,10 +65,23 @@ def first_difference(a, b):
 def g1(model, compiled=True, prompt_len=64, new_tokens=128):
     """G1, and G1-compile if `compiled` (see the module's docstring). Leaves the model in bf16, LoRA B zero."""
     prompt = torch.randint(3, 32000, (prompt_len,), generator=torch.Generator().manual_seed(2)).tolist()
-    run = lambda mode, n: generate_ids(model, [prompt], eos_ids=[], max_new_tokens=n, decode=mode)[0]  # noqa: E731
+    graphs = {"graph": DecodeGraphs(), "compile": DecodeGraphs()}  # as generate() keeps them, one per mode
+
+    def run(mode, n, keep=True):
+        return generate_ids(model, [prompt], eos_ids=[], max_new_tokens=n, decode=mode,
+                            graphs=graphs.get(mode) if keep else None)[0]
+
     plain = run("plain", 32)
     graph = run("graph", 32)
     log(event="gate", line="G1", decode="graph", same_first_32=plain == graph, ok=plain == graph)
+    loras = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    with torch.no_grad():  # the fused LoRA kernel sees a non-zero low-rank output too (G1 itself: B = 0)
+        for m in loras:
+            m.lora_B.weight.normal_(0, 0.02, generator=torch.Generator(m.lora_B.weight.device).manual_seed(3))
+        same = run("plain", 32) == run("graph", 32, keep=False)
+        for m in loras:
+            m.lora_B.weight.zero_()
+    log(event="gate", line="G1", decode="graph", lora_b="random", same_first_32=same, ok=same)
     if compiled:  # the same gate, bf16 (generate.COMPILE_OPTIONS round as eager does)
         t = sync_time()
         first = run("compile", 32)
@@ -76,12 +90,21 @@ def g1(model, compiled=True, prompt_len=64, new_tokens=128):
         steady_s = sync_time() - t
         log(event="gate", line="G1-compile", decode="compile", same_first_32=plain == first,
             first_difference=first_difference(plain, first), ok=plain == first)
-    out = {}
-    for mode in ("graph", "compile") if compiled else ("graph",):  # plain: ~8 tokens/s (NOTES.md)
-        run(mode, 4)
+
+    def timed(mode, keep=True):
+        run(mode, 4, keep)
         t = sync_time()
-        out[mode] = len(run(mode, new_tokens)) / (sync_time() - t)
-    log(event="generate", line="G1", decode="graph", new_tokens=new_tokens, tokens_per_s=round(out["graph"], 1))
+        return len(run(mode, new_tokens, keep)) / (sync_time() - t)
+
+    out = {mode: timed(mode) for mode in (("graph", "compile") if compiled else ("graph",))}
+    # What each piece buys (NOTES.md #22): the graph captured in every call, and the plain modules' kernels.
+    per_call = timed("graph", keep=False)
+    fused.ALLOWED = False
+    graphs["graph"] = DecodeGraphs()
+    unfused = timed("graph")
+    fused.ALLOWED = True
+    log(event="generate", line="G1", decode="graph", new_tokens=new_tokens, tokens_per_s=round(out["graph"], 1),
+        tokens_per_s_capture_per_call=round(per_call, 1), tokens_per_s_unfused=round(unfused, 1))
     if compiled:
         log(event="generate", line="G1-compile", decode="compile", new_tokens=new_tokens,
             tokens_per_s=round(out["compile"], 1), first_call_s=round(first_s, 1),

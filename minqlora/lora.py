@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from bitsandbytes.nn import Params4bit
 
+from . import fused
 from .nf4 import Linear4bit
 
 LINEAR_TYPES = (nn.Linear, Linear4bit)  # the layers LoRA may wrap
@@ -74,7 +75,10 @@ class LoRALinear(nn.Module):
         dtype = self.compute_dtype or self.lora_A.weight.dtype
         a, b = self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype)  # no-ops in the default fp32
         h = F.linear(self.lora_dropout(x).to(dtype), a)  # (..., r)
-        if math.frexp(self.scaling)[0] == 0.5:  # 2^k scales exactly: the same bits on the r-wide tensor
+        exact_scale = math.frexp(self.scaling)[0] == 0.5
+        if exact_scale and fused.active(result):  # inference on a GPU: scale, cast and add in one kernel
+            return fused.add_lora(result, F.linear(h, b), self.scaling, isinstance(self.base_layer, Linear4bit))
+        if exact_scale:  # 2^k scales exactly: the same bits on the r-wide tensor
             # (alpha 16 / r 64 = 0.25 as in QLoRA) as on the out-wide one, for a fraction of the work
             h = F.linear(h * self.scaling, b)  # (..., out)
         else:

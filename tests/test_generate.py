@@ -190,7 +190,8 @@ def test_static_step_logits_equal_plain(models):
             cache = KVCache(mq.config, 2, 10, torch.float32, "cpu")
             mq(ids, position_ids=positions, attention_mask=key_mask[:, :7], kv_cache=cache)
             cache.static = mode == "static"
-            step = Decoder(mq, cache, key_mask, lengths, 7, mode)
+            step = Decoder(mq, cache, key_mask, mode)
+            step.start(lengths, 7)
             logits[mode] = [step(torch.tensor([5, 9]), t) for t in range(3)]
     for a, b in zip(logits["plain"], logits["static"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
