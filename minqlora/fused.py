@@ -10,6 +10,8 @@ close numbers: a greedy decode of a random 7B, whose top logits are near-tied, t
                  + eps, rsqrt, scale, cast and weight in one.
     rope_pair    model.apply_rope on q and k: 10 kernels -> 1.
     silu_mul     model.MLP's silu(gate) * up: 2 -> 1.
+    cast_shared  lora.LoRALinear's cast of its input to fp32, done once for the layers that read one input
+                 (q, k, v; gate, up): 7 casts a layer -> 3.
     add_lora     the end of lora.LoRALinear: scale, cast, add: 3 -> 1. The scale is applied after lora_B
                  instead of before it, which gives the same bits when it is a power of two (alpha 16 / r 64):
                  multiplying by 2^k commutes with every rounding of the matmul.
@@ -35,17 +37,18 @@ except ImportError:  # pragma: no cover - depends on the install
 
 ALLOWED = True  # set False to run every module's plain code (e.g. to time the difference)
 _on = False
+_last_cast = None  # cast_shared's (input, dtype, output)
 
 
 @contextlib.contextmanager
 def kernels(on: bool = True):
     """Inside the block, modules use the fused kernels where `active` holds."""
-    global _on
+    global _on, _last_cast
     before, _on = _on, on
     try:
         yield
     finally:
-        _on = before
+        _on, _last_cast = before, None
 
 
 def available() -> bool:
@@ -158,6 +161,15 @@ def silu_mul(gate, up):
     out = torch.empty_like(gate)
     _silu_mul_kernel[_grid(gate.numel())](gate, up, out, gate.numel(), BLOCK=_BLOCK, **_EXACT)
     return out
+
+
+def cast_shared(x, dtype):
+    """x.to(dtype); the previous call's copy when x is the same tensor (held here, so its id is not reused).
+    The model never writes into a layer's input, and an inference tensor has no version counter to check."""
+    global _last_cast
+    if _last_cast is None or _last_cast[0] is not x or _last_cast[1] != dtype:
+        _last_cast = (x, dtype, x.to(dtype))
+    return _last_cast[2]
 
 
 def add_lora(result, h, scaling: float, round_first: bool):

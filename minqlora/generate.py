@@ -81,12 +81,42 @@ class Decoder:
 
     def __init__(self, model, cache: KVCache, key_mask, mode: str):
         self.model, self.cache, self.key_mask, self.mode, self.graph = model, cache, key_mask, mode, None
+        self.prefills = {}  # prompt length P -> "seen", or its captured prefill (graph, logits, inputs)
         if mode != "plain":
             B = key_mask.shape[0]
             self.tok = torch.zeros(B, 1, dtype=torch.long, device=key_mask.device)  # (B, 1) static inputs
             self.pos = torch.zeros(B, 1, dtype=torch.long, device=key_mask.device)  # (B, 1)
             self.slot = torch.zeros(1, dtype=torch.long, device=key_mask.device)  # (1,) the slot written
             cache.slots = self.slot
+
+    def prefill(self, tokens, positions, key_mask):
+        """Logits (B, 1, V) of the prompts tokens (B, P), whose keys and values fill slots 0..P-1. In graph mode
+        a prompt length met before in this decoder's life runs from a captured graph: a capture costs three
+        forwards, so it pays only when a shape comes back (the decoder kept in a DecodeGraphs)."""
+        P = tokens.shape[1]
+
+        def forward(t=tokens, p=positions, m=key_mask):
+            self.cache.static, self.cache.pos = False, 0
+            return self.model(t, position_ids=p, attention_mask=m, kv_cache=self.cache, last_only=True)
+
+        if self.mode != "graph" or tokens.device.type != "cuda":
+            return forward()
+        kept = self.prefills.get(P)
+        if kept is None:  # first time: eager, and remember the length
+            self.prefills[P] = "seen"
+            return forward()
+        if kept == "seen":
+            if sum(v != "seen" for v in self.prefills.values()) >= 4:  # at most 4 prompt graphs a decoder
+                self.prefills.pop(next(k for k, v in self.prefills.items() if v != "seen"))
+            bufs = (tokens.clone(), positions.clone(), key_mask.clone())  # the graph's fixed inputs
+            graph, out = capture(lambda: forward(*bufs))
+            self.prefills[P] = kept = (graph, out, bufs)
+        graph, out, bufs = kept
+        for buf, new in zip(bufs, (tokens, positions, key_mask)):
+            buf.copy_(new)
+        graph.replay()
+        self.cache.pos = P
+        return out
 
     def start(self, lengths, prompt_len: int):
         """A new batch of prompts (lengths (B,), left-padded to prompt_len) whose prompt fills the cache."""
@@ -236,11 +266,9 @@ def _generate_batch(model, prompt_ids, eos_ids, max_new_tokens, pad_id, names, d
             graphs.keep_decoder(key, step)
     else:  # the captured graph reads this buffer: new contents, same tensor
         step.key_mask.copy_(key_mask)
-    cache = step.cache
-    cache.static, cache.pos = False, 0  # slots left by an earlier batch are rewritten before any is attended
+    cache = step.cache  # slots left by an earlier batch are rewritten before any is attended
     with fused.kernels(decode == "graph"):  # the fused kernels give the plain bits in fewer launches
-        logits = model(tokens, position_ids=positions, attention_mask=key_mask[:, :P],
-                       kv_cache=cache, last_only=True)  # (B, 1, V): the prompt fills slots 0..P-1
+        logits = step.prefill(tokens, positions, key_mask[:, :P])  # (B, 1, V): slots 0..P-1 filled
         cache.static = decode != "plain"  # decode steps then see every slot, unwritten ones masked
         step.start(lengths, P)
         out = torch.full((B, steps), pad_id, dtype=torch.long, device=device)  # (B, steps)

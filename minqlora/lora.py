@@ -74,9 +74,11 @@ class LoRALinear(nn.Module):
         # LoRA layers, while the weights stay fp32 (their gradients arrive through the casts). bench/NOTES.md #2.
         dtype = self.compute_dtype or self.lora_A.weight.dtype
         a, b = self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype)  # no-ops in the default fp32
-        h = F.linear(self.lora_dropout(x).to(dtype), a)  # (..., r)
+        x = self.lora_dropout(x)
         exact_scale = math.frexp(self.scaling)[0] == 0.5
-        if exact_scale and fused.active(result):  # inference on a GPU: scale, cast and add in one kernel
+        fast = exact_scale and fused.active(x)  # inference on a GPU: the same bits in fewer kernels (fused.py)
+        h = F.linear(fused.cast_shared(x, dtype) if fast else x.to(dtype), a)  # (..., r)
+        if fast:  # scale, cast and add in one kernel
             return fused.add_lora(result, F.linear(h, b), self.scaling, isinstance(self.base_layer, Linear4bit))
         if exact_scale:  # 2^k scales exactly: the same bits on the r-wide tensor
             # (alpha 16 / r 64 = 0.25 as in QLoRA) as on the out-wide one, for a fraction of the work

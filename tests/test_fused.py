@@ -114,9 +114,13 @@ def test_graph_decode_with_kept_graphs_equals_plain():
                 m.lora_B.weight.normal_(0, 0.05)
     model.eval()
     graphs = DecodeGraphs()
-    batches = [[[5, 9, 13, 2]], [[7, 3, 3, 3, 1, 40]], [[11, 4], [6, 6, 6, 6, 6]], [[8, 100, 3]]]
+    # Each shape three times: the prompt runs eagerly, then is captured, then replayed.
+    batches = [[[5, 9, 13, 2]], [[7, 3, 3, 1]], [[11, 4], [6, 6, 6, 6, 6]], [[8, 100, 3, 4]],
+               [[2, 4], [9, 9, 9, 9, 9]], [[12, 4, 5], [6, 7, 6, 6, 6]], [[1, 2, 3, 4]]]
     for prompts in batches:
         kw = dict(eos_ids=[], max_new_tokens=20)
         plain = generate_ids(model, prompts, decode="plain", **kw)
         assert generate_ids(model, prompts, decode="graph", graphs=graphs, **kw) == plain
     assert len(graphs.decoders) == 2  # batch sizes 1 and 2, one slot bucket
+    for decoder in graphs.decoders.values():  # each captured its prompt's forward (length 4; length 5)
+        assert sum(kept != "seen" for kept in decoder.prefills.values()) == 1
