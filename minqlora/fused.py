@@ -146,8 +146,10 @@ def _rope(x, cos, sin):
     return out.transpose(1, 2)  # (B, h, T, hd), the strides the plain ops give
 
 
-def rope_fits(x) -> bool:
-    return x.shape[-1] & (x.shape[-1] - 1) == 0  # one program a head: head_dim a power of two (64, 128)
+def rope_fits(x, cos) -> bool:
+    """One program a head needs head_dim a power of two (64, 128), and a cos row for each (batch, token)."""
+    B, _, T, hd = x.shape
+    return hd & (hd - 1) == 0 and tuple(cos.shape) == (B, T, hd)
 
 
 def rope_pair(q, k, cos, sin):

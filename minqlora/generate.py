@@ -68,15 +68,16 @@ class Decoder:
     plain: the model called as is, on the slots filled so far (the path the reading guide walks).
     static: the cache's fixed-shape form (every slot, written at a slot tensor), still called eagerly.
     graph: the static step captured once as a CUDA graph and replayed each token: one launch instead of
-    a few thousand small ones, which is what bounds batch-1 decoding (the fast path; "auto" on CUDA).
+    a few thousand small ones, which is what bounds batch-1 decoding (the fast path; "auto" on CUDA). The
+    prompt and the step run with fused.py's kernels, which give the plain modules' bits in fewer launches.
     compile: the static step through torch.compile (elementwise work fused, batch-1 LoRA matmuls as fused
-    reductions), then captured as graph is: ~1.9x graph's tokens/s on an H200 (bench/NOTES.md #10, #14), but
-    the first call of a shape compiles (~100 s for a 7B), and its fused kernels round differently, so it is
-    chosen only when asked for.
+    reductions), then captured as graph is; the first call of a shape compiles (~100 s for a 7B), and its
+    fused kernels round differently, so it is chosen only when asked for (bench/NOTES.md #10, #14).
     Static equals plain token for token on CPU (tests/test_generate.py), graph equals plain bit for bit on the
-    GPU (the benchmark's G1 gate). Compile's tokens equal plain's in fp32 on CPU (the same test); in bf16 on a
-    GPU the first 32 greedy tokens of a random 7B (near-tied logits) equalled plain's in one run and not in
-    another, so it is not the default.
+    GPU (tests/test_fused.py; the benchmark's G1 gate). Compile's tokens equal plain's in fp32 on CPU (the same
+    test); in bf16 on a GPU the first 32 greedy tokens of a random 7B (near-tied logits) equalled plain's in one
+    run and not in another, so it is not the default.
+    A decoder kept in a DecodeGraphs serves later batches of its shape: start() takes the new prompts.
     """
 
     def __init__(self, model, cache: KVCache, key_mask, mode: str):

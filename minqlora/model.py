@@ -1,7 +1,8 @@
 """Llama, from scratch: the decoder-only transformer that QLoRA fine-tunes.
 
 Plain PyTorch, no NF4 and no LoRA here: nf4.py and lora.py wrap this model's nn.Linear layers from
-outside, after it is built. Module and parameter names equal the Hugging Face checkpoint keys
+outside, after it is built. (Decoding on a GPU runs three elementwise chains here, RMSNorm, RoPE and SwiGLU,
+as fused kernels with the same bits: fused.py; the code below is what they compute.) Module and parameter names equal the Hugging Face checkpoint keys
 (`model.layers.0.self_attn.q_proj.weight`, ..., `lm_head.weight`), so loading is a name-by-name copy.
 Architecture: Touvron et al. 2023 (Llama 2) §2; RoPE: Su et al. 2021; GQA: Ainslie et al. 2023.
 Checked layer by layer against transformers' modeling_llama in tests/test_model.py.
@@ -102,7 +103,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
-        if fused.active(q) and fused.rope_fits(q):  # the same bits in 2 kernels instead of 10 (fused.py)
+        if fused.active(q) and fused.rope_fits(q, cos):  # the same bits in 2 kernels instead of 10 (fused.py)
             q, k = fused.rope_pair(q, k, cos, sin)
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
