@@ -49,6 +49,11 @@ COMPILE_OPTIONS = {"coordinate_descent_tuning": True, "emulate_precision_casts":
 _compiled = None
 
 
+def _graphs_on(device) -> bool:
+    """Whether CUDA graphs serve decoding on this device (tests stand in for them on the CPU)."""
+    return device.type == "cuda"
+
+
 def model_step(model, cache, tok, pos, key_mask):
     """The static decode step: logits (B, 1, V) for tokens tok (B, 1) at positions pos (B, 1)."""
     return model(tok, position_ids=pos, attention_mask=key_mask, kv_cache=cache)
@@ -100,7 +105,7 @@ class Decoder:
             self.cache.static, self.cache.pos = False, 0
             return self.model(t, position_ids=p, attention_mask=m, kv_cache=self.cache, last_only=True)
 
-        if self.mode != "graph" or tokens.device.type != "cuda":
+        if self.mode != "graph" or not _graphs_on(tokens.device):
             return forward()
         kept = self.prefills.get(P)
         if kept is None:  # first time: eager, and remember the length
@@ -135,7 +140,7 @@ class Decoder:
         self.tok.copy_(nxt[:, None])
         self.pos.copy_((self.lengths + t)[:, None])
         self.slot.fill_(self.P + t)
-        if self.mode == "static" or self.tok.device.type != "cuda":  # no CUDA graphs off CUDA
+        if self.mode == "static" or not _graphs_on(self.tok.device):  # no CUDA graphs off CUDA
             return self._static_step()
         if self.graph is None:  # captured at the first step; the warm-up writes slot P, which it rewrites
             self.graph, self.out = capture(self._static_step)
@@ -248,7 +253,7 @@ def _generate_batch(model, prompt_ids, eos_ids, max_new_tokens, pad_id, names, d
     if decode == "auto":
         decode = "graph" if device.type == "cuda" and steps > 1 else "plain"
     S_max = P + steps
-    reuse = graphs is not None and decode in ("graph", "compile") and device.type == "cuda"
+    reuse = graphs is not None and decode in ("graph", "compile") and _graphs_on(device)
     if decode == "compile" or reuse:  # one compiled step / captured graph then serves every call in the bucket
         S_max = -(-S_max // CACHE_BUCKET) * CACHE_BUCKET  # slots past P + steps are never attended
     key_mask = torch.ones(B, S_max, dtype=torch.long, device=device)  # (B, S_max) 1 = real

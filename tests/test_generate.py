@@ -224,6 +224,40 @@ def test_graphed_forward_pads_buckets_and_copies(models, monkeypatch):
     assert set(fwd.graphs) == {(2, 16), (1, 32)}  # (1, 16) was the oldest when a third shape came
 
 
+def test_kept_decoders_refresh_their_inputs(models, monkeypatch):
+    """DecodeGraphs' logic on the CPU, with a stand-in for CUDA graphs that reruns the captured function on
+    replay (reading its fixed input buffers then, as a graph does): batches of one shape share a decoder, its
+    cache, mask buffer and prompt graph, and each batch still gets the plain path's tokens."""
+    from minqlora import generate as gen
+
+    class Replayer:
+        def __init__(self, fn):
+            self.fn, self.out = fn, fn()
+
+        def replay(self):
+            self.out.copy_(self.fn())
+
+    def fake_capture(fn):
+        g = Replayer(fn)
+        return g, g.out
+
+    monkeypatch.setattr(gen, "capture", fake_capture)
+    monkeypatch.setattr(gen, "_graphs_on", lambda device: True)
+    _, mq = models
+    graphs = gen.DecodeGraphs()
+    # Two shapes (batch 1 and 2), each three times with new tokens and new padding: eager prompt, captured
+    # prompt, replayed prompt; the decode step captured once per shape.
+    batches = [prompts(1, (7,)), prompts(2, (3, 7)), prompts(3, (7,)), prompts(4, (7, 2)), prompts(5, (7,)),
+               prompts(6, (5, 7))]
+    for ps in batches:
+        kw = dict(eos_ids=[EOS], max_new_tokens=NEW)
+        assert generate_ids(mq, ps, decode="graph", graphs=graphs, **kw) == generate_ids(mq, ps, decode="plain",
+                                                                                         **kw)
+    assert len(graphs.decoders) == 2
+    for decoder in graphs.decoders.values():
+        assert decoder.graph is not None and [k for k, v in decoder.prefills.items() if v != "seen"] == [8]
+
+
 def test_compiled_decode_equals_plain():
     """decode="compile" (torch.compile over the static step; on the CPU without CUDA graphs) on a 4-bit
     model with LoRA adapters (B non-zero): the same tokens as the plain path, batched with left padding,
