@@ -2,13 +2,14 @@
 
 Why: a batch-1 decode step of a 7B is ~2,900 kernels, most of them elementwise ops on a few thousand
 numbers, and a CUDA graph still pays ~3 us for each (bench/NOTES.md #22). These Triton kernels do the work
-of several of them in one, rounding where the plain code rounds, so they give the same bits, not merely
-close numbers: a greedy decode of a random 7B, whose top logits are near-tied, then picks the same tokens
-(the benchmark's G1 gate; torch.compile's fused kernels round elsewhere and fail it, NOTES #10, #14).
+of several of them in one, rounding where the plain code rounds (and never contracting a multiply and an
+add into one FMA, which would skip a rounding), so they give the same bits, not merely close numbers: a
+greedy decode of a random 7B, whose top logits are near-tied, then picks the same tokens (the benchmark's
+G1 gate; torch.compile's fused kernels round elsewhere and fail it, NOTES #10, #14).
 
     rms_norm     model.RMSNorm, 8 kernels -> 3: x*x, then torch's own mean (its summation order), then
                  + eps, rsqrt, scale, cast and weight in one.
-    rope_pair    model.apply_rope on q and k: 10 kernels -> 1.
+    rope_pair    model.apply_rope on q and k: 10 kernels -> 2.
     silu_mul     model.MLP's silu(gate) * up: 2 -> 1.
     cast_shared  lora.LoRALinear's cast of its input to fp32, done once for the layers that read one input
                  (q, k, v; gate, up): 7 casts a layer -> 3.
@@ -19,6 +20,7 @@ close numbers: a greedy decode of a random 7B, whose top logits are near-tied, t
 Where: each module asks `active(x)` and calls its kernel, else runs its plain code. Only inside
 `with kernels():` (generate.py's CUDA-graph decoding, prompt and steps), under no_grad/inference_mode,
 on CUDA tensors, with Triton present; `ALLOWED = False` turns them off everywhere.
+No paper section (an implementation matter; gpt-fast fuses the same step with torch.compile instead).
 Checked bit for bit against the plain modules on the GPU (tests/test_fused.py, skipped without CUDA)
 and by the benchmark's greedy gate; the CPU never runs them.
 """
