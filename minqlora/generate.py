@@ -151,16 +151,20 @@ class Decoder:
 class DecodeGraphs:
     """Decoders kept between generate_ids calls of one model, each with its KV cache, static inputs and
     captured CUDA graph: a capture costs three eager steps (~0.15 s for a 7B), once per shape (batch,
-    cache slots rounded up to CACHE_BUCKET) instead of once per batch. At most `keep` shapes are kept (each
-    holds its cache and the graph's memory); the model must not be rebuilt or re-dtyped while it lives."""
+    cache slots rounded up to CACHE_BUCKET) instead of once per batch. At most `keep` shapes are kept, each
+    holding its cache (a 7B at batch 8 and 512 slots: 2 GiB) and its graphs' memory; a new shape drops the
+    oldest before it allocates. The model must not be rebuilt or re-dtyped while it lives."""
 
-    def __init__(self, keep: int = 2):
+    def __init__(self, keep: int = 1):
         self.keep, self.decoders = keep, {}
 
-    def keep_decoder(self, key, decoder):
-        if len(self.decoders) >= self.keep:
-            self.decoders.pop(next(iter(self.decoders)))  # the oldest shape's cache and graph go
-        self.decoders[key] = decoder
+    def get(self, key, make):
+        """The decoder kept for `key`; else `make()`'s, kept."""
+        if key not in self.decoders:
+            while len(self.decoders) >= self.keep:
+                self.decoders.pop(next(iter(self.decoders)))  # the oldest shape's cache and graphs go first
+            self.decoders[key] = make()
+        return self.decoders[key]
 
 
 def repetition_penalty_(logits, seen, penalty: float):
@@ -264,14 +268,11 @@ def _generate_batch(model, prompt_ids, eos_ids, max_new_tokens, pad_id, names, d
         seen[i, torch.tensor(ids, device=device)] = True
 
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
-    key = (id(model), B, S_max, dtype, decode)
-    step = graphs.decoders.get(key) if reuse else None
-    if step is None:
-        step = Decoder(model, KVCache(cfg, B, S_max, dtype, device), key_mask, decode)
-        if reuse:
-            graphs.keep_decoder(key, step)
-    else:  # the captured graph reads this buffer: new contents, same tensor
-        step.key_mask.copy_(key_mask)
+    def make():
+        return Decoder(model, KVCache(cfg, B, S_max, dtype, device), key_mask.clone(), decode)
+
+    step = graphs.get((id(model), B, S_max, dtype, decode), make) if reuse else make()
+    step.key_mask.copy_(key_mask)  # a kept decoder's graph reads this buffer: new contents, same tensor
     cache = step.cache  # slots left by an earlier batch are rewritten before any is attended
     with fused.kernels(decode == "graph"):  # the fused kernels give the plain bits in fewer launches
         logits = step.prefill(tokens, positions, key_mask[:, :P])  # (B, 1, V): slots 0..P-1 filled

@@ -113,7 +113,7 @@ def test_graph_decode_with_kept_graphs_equals_plain():
             if isinstance(m, LoRALinear):
                 m.lora_B.weight.normal_(0, 0.05)
     model.eval()
-    graphs = DecodeGraphs()
+    graphs = DecodeGraphs(keep=2)
     # Each shape three times: the prompt runs eagerly, then is captured, then replayed.
     batches = [[[5, 9, 13, 2]], [[7, 3, 3, 1]], [[11, 4], [6, 6, 6, 6, 6]], [[8, 100, 3, 4]],
                [[2, 4], [9, 9, 9, 9, 9]], [[12, 4, 5], [6, 7, 6, 6, 6]], [[1, 2, 3, 4]]]

@@ -244,7 +244,7 @@ def test_kept_decoders_refresh_their_inputs(models, monkeypatch):
     monkeypatch.setattr(gen, "capture", fake_capture)
     monkeypatch.setattr(gen, "_graphs_on", lambda device: True)
     _, mq = models
-    graphs = gen.DecodeGraphs()
+    graphs = gen.DecodeGraphs(keep=2)
     # Two shapes (batch 1 and 2), each three times with new tokens and new padding: eager prompt, captured
     # prompt, replayed prompt; the decode step captured once per shape.
     batches = [prompts(1, (7,)), prompts(2, (3, 7)), prompts(3, (7,)), prompts(4, (7, 2)), prompts(5, (7,)),
@@ -256,6 +256,14 @@ def test_kept_decoders_refresh_their_inputs(models, monkeypatch):
     assert len(graphs.decoders) == 2
     for decoder in graphs.decoders.values():
         assert decoder.graph is not None and [k for k, v in decoder.prefills.items() if v != "seen"] == [8]
+
+
+def test_decode_graphs_keep_and_drop_the_oldest_first():
+    from minqlora.generate import DecodeGraphs
+    graphs, held = DecodeGraphs(keep=1), []
+    assert graphs.get("a", lambda: "A") == "A" and graphs.get("a", lambda: "other") == "A"
+    assert graphs.get("b", lambda: held.append(dict(graphs.decoders)) or "B") == "B"
+    assert held == [{}] and graphs.decoders == {"b": "B"}  # "a"'s cache was let go before "b"'s was made
 
 
 def test_compiled_decode_equals_plain():
