@@ -316,7 +316,10 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--t3_records", type=int, default=128)
     ap.add_argument("--e2_batch", type=int, default=32)
-    ap.add_argument("--lines", default="L1,gate,T1,T1-strict,T1-plain,T2,T3,T2-compile,E1,E2,G1,G1-compile")
+    # Default: every line of the speed issue, T1 and T2 also with both opt-in training flags. G1-compile (an
+    # opt-in decode mode, ~100 s of compiling) and the other variants run when named.
+    ap.add_argument("--lines", default="L1,gate,T1,T1-strict,T1-plain,T2,T3,T1-compile+lora16,T2-compile+lora16,"
+                                       "E1,E2,G1")
     ap.add_argument("--profile", default=None, help="folder for torch profiles of the steps")
     args = ap.parse_args()
     lines = set(args.lines.split(","))
