@@ -24,12 +24,18 @@ def test_power_of_two_scale_commutes_with_the_matmul(dtype):
         assert torch.equal(F.linear(h * scale, b), F.linear(h, b) * scale)
 
 
-def test_cpu_runs_the_plain_code():
-    norm = RMSNorm(64, 1e-5)
+def test_kernels_only_inside_the_block_on_cuda_without_autograd():
     x = torch.randn(2, 3, 64)
     with fused.kernels(), torch.no_grad():
-        assert not fused.active(x)
-        assert torch.equal(norm(x), RMSNorm.forward(norm, x))
+        assert not fused.active(x)  # a CPU tensor: the plain code
+    if fused.available():
+        x = x.cuda()
+        with fused.kernels():
+            assert not fused.active(x)  # autograd on: training passes never take them
+            with torch.no_grad():
+                assert fused.active(x)
+        with torch.no_grad():
+            assert not fused.active(x)  # outside kernels()
 
 
 def _wide(shape, dtype, seed=0):
