@@ -87,7 +87,7 @@ class Decoder:
 
     def __init__(self, model, cache: KVCache, key_mask, mode: str):
         self.model, self.cache, self.key_mask, self.mode, self.graph = model, cache, key_mask, mode, None
-        self.prefills = {}  # prompt length P -> "seen", or its captured prefill (graph, logits, inputs)
+        self.seen, self.prefills = set(), {}  # prompt lengths met; P -> captured prefill (graph, logits, inputs)
         if mode != "plain":
             B = key_mask.shape[0]
             self.tok = torch.zeros(B, 1, dtype=torch.long, device=key_mask.device)  # (B, 1) static inputs
@@ -107,17 +107,15 @@ class Decoder:
 
         if self.mode != "graph" or not _graphs_on(tokens.device):
             return forward()
-        kept = self.prefills.get(P)
-        if kept is None:  # first time: eager, and remember the length
-            self.prefills[P] = "seen"
+        if P not in self.seen:  # first time: eager, and remember the length
+            self.seen.add(P)
             return forward()
-        if kept == "seen":
-            if sum(v != "seen" for v in self.prefills.values()) >= 4:  # at most 4 prompt graphs a decoder
-                self.prefills.pop(next(k for k, v in self.prefills.items() if v != "seen"))
+        if P not in self.prefills:
+            if len(self.prefills) >= 4:  # at most 4 prompt graphs a decoder: the oldest goes
+                self.prefills.pop(next(iter(self.prefills)))
             bufs = (tokens.clone(), positions.clone(), key_mask.clone())  # the graph's fixed inputs
-            graph, out = capture(lambda: forward(*bufs))
-            self.prefills[P] = kept = (graph, out, bufs)
-        graph, out, bufs = kept
+            self.prefills[P] = (*capture(lambda: forward(*bufs)), bufs)
+        graph, out, bufs = self.prefills[P]
         for buf, new in zip(bufs, (tokens, positions, key_mask)):
             buf.copy_(new)
         graph.replay()
@@ -269,7 +267,7 @@ def _generate_batch(model, prompt_ids, eos_ids, max_new_tokens, pad_id, names, d
 
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
     def make():
-        return Decoder(model, KVCache(cfg, B, S_max, dtype, device), key_mask.clone(), decode)
+        return Decoder(model, KVCache(cfg, B, S_max, dtype, device), torch.empty_like(key_mask), decode)
 
     step = graphs.get((id(model), B, S_max, dtype, decode), make) if reuse else make()
     step.key_mask.copy_(key_mask)  # a kept decoder's graph reads this buffer: new contents, same tensor
