@@ -99,22 +99,29 @@ def table(peer, mine, gates, ceiling_tflops):
 
 
 def several_gpus(py, w, args, shared, out):
-    """bench_ddp.py on 1 and on w processes; a table of T2 and T3 tokens/s and the speed-up."""
-    runs = {}
-    for n in (1, w):
-        runs[n] = run([py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                       HERE / "bench_ddp.py", "--ckpt", args.ckpt, "--shared", shared, "--steps", args.steps]
-                      + args.ddp_flags.split(),
-                      out / f"ddp_{n}.log")
-    gate = next((r for r in runs[w] if r.get("event") == "gate"), None)
-    rows = [f"| line | 1 GPU | {w} GPUs | speed-up | peak GiB a GPU (1 / {w}) |", "|---|---|---|---|---|"]
+    """bench_ddp.py on 1 and on w processes, alternated `--ddp_repeats` times (a single run's pace moves by up
+    to 10% between runs on these hosts: bench/NOTES.md #24); a table of T2 and T3 tokens/s, each the mean of
+    its runs, every run's figure beside it, and the speed-up of the means."""
+    runs = {1: [], w: []}
+    for i in range(args.ddp_repeats):
+        for n in (1, w):
+            runs[n].append(run([py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                                HERE / "bench_ddp.py", "--ckpt", args.ckpt, "--shared", shared, "--steps", args.steps]
+                               + args.ddp_flags.split() + (["--skip_gate"] if i else []),  # the gate once
+                               out / f"ddp_{n}_{i}.log"))
+    gate = next((r for r in runs[w][0] if r.get("event") == "gate"), None)
+    rows = [f"| line | 1 GPU | {w} GPUs | speed-up | runs, 1 GPU | runs, {w} GPUs | peak GiB a GPU (1 / {w}) |",
+            "|---|---|---|---|---|---|---|"]
     for line in ("T2", "T3"):
-        one, many = ({r["line"].split("-")[0].split("+")[0]: r for r in runs[n] if r.get("event") == "train"}.get(line)
-                     for n in (1, w))
-        if one and many:
-            ratio = "FAIL" if not (gate and gate["ok"]) else f"{many['tokens_per_s'] / one['tokens_per_s']:.2f}x"
-            rows.append(f"| {one['line']} (tokens/s) | {one['tokens_per_s']} | {many['tokens_per_s']} | {ratio} | "
-                        f"{one['peak_gib']} / {many['peak_gib']} |")
+        found = {n: [next((r for r in rs if r.get("event") == "train" and r["line"].split("-")[0].split("+")[0] == line),
+                          None) for rs in runs[n]] for n in (1, w)}
+        if all(found[1]) and all(found[w]):
+            speed = {n: [r["tokens_per_s"] for r in found[n]] for n in (1, w)}
+            mean = {n: sum(v) / len(v) for n, v in speed.items()}
+            ratio = "FAIL" if not (gate and gate["ok"]) else f"{mean[w] / mean[1]:.2f}x"
+            rows.append(f"| {found[1][0]['line']} (tokens/s) | {mean[1]:.1f} | {mean[w]:.1f} | {ratio} | "
+                        f"{', '.join(map(str, speed[1]))} | {', '.join(map(str, speed[w]))} | "
+                        f"{found[1][0]['peak_gib']} / {found[w][0]['peak_gib']} |")
     return "\n".join(rows), {"gate": gate, "runs": runs}
 
 
@@ -132,6 +139,7 @@ def main():
     ap.add_argument("--gpus", type=int, default=1, help="also T2/T3 of the data-parallel step on 1 and this many GPUs")
     ap.add_argument("--ddp_flags", default="",
                     help="bench_ddp.py's flags for those runs, e.g. \"--torch_compile --lora16\"")
+    ap.add_argument("--ddp_repeats", type=int, default=2, help="1- and W-process runs, alternated, this many times")
     args = ap.parse_args()
     shared, out = Path(args.shared).resolve(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

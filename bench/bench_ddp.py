@@ -125,6 +125,61 @@ def speed(model, world, device, line, windows, reducer):
         s_update=round(phases[2] / n, 4), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
 
 
+def profile(model, world, device, windows, reducer):
+    """Where a step's time goes on each process (NOTES.md #24): wall seconds a step, the union of its GPU
+    kernels' intervals (busy), NCCL's kernels, and the kernel families that take the most time. If the
+    2-process pass is slower because kernels run slower, `busy` grows; if because the CPU issues them
+    slower, the GPU's idle time (wall - busy) grows."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(params, "paged_adamw_32bit", lr=3e-4)
+    model.train()
+
+    def step(window):
+        accumulate_gradients(model, distributed.deal(window, world), device, "example", pad_id=0,
+                             pass_tokens=PASS_TOKENS, totals=accumulate.step_totals(window),
+                             last_backward=reducer.arm)
+        reducer.finish()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step(windows[0])
+    distributed.barrier(world)
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = sync_time()
+        for window in windows[1:]:
+            step(window)
+        wall = sync_time() - t
+    n = len(windows) - 1
+    spans, families = [], {}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = e.name.split("<")[0].split("(")[0][:48]
+        nccl = "nccl" in e.name.lower()
+        if not nccl:
+            spans.append((e.time_range.start, e.time_range.end))
+        key = "nccl" if nccl else name
+        families[key] = families.get(key, 0.0) + (e.time_range.end - e.time_range.start) / 1e6 / n
+    busy, end = 0.0, None
+    for a, b in sorted(spans):  # the union of the compute kernels' intervals
+        if end is None or a > end:
+            busy, end = busy + (b - a), b
+        elif b > end:
+            busy, end = busy + (b - end), b
+    top = dict(sorted(((k, round(v * 1e3, 2)) for k, v in families.items()), key=lambda kv: -kv[1])[:12])
+    cpu = {e.key[:48]: round(e.self_cpu_time_total / 1e3 / n, 2) for e in prof.key_averages()
+           if e.device_type == torch.autograd.DeviceType.CPU}
+    top_cpu = dict(sorted(cpu.items(), key=lambda kv: -kv[1])[:10])
+    mine = {"rank": world.rank, "s_step": round(wall / n, 4), "s_busy": round(busy / 1e6 / n, 4),
+            "s_idle": round(wall / n - busy / 1e6 / n, 4), "ms_nccl": top.get("nccl", round(families.get("nccl", 0) * 1e3, 2)),
+            "kernels_per_step": round(len(spans) / n), "top_ms": top, "top_cpu_ms": top_cpu}
+    for row in distributed.gather([mine], world):
+        log(world, event="profile", **row)
+    torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", required=True)
@@ -135,6 +190,8 @@ def main():
     ap.add_argument("--skip_gate", action="store_true", help="no gate (to see whether it changes the speed)")
     ap.add_argument("--torch_compile", action="store_true", help="compile each decoder layer (lines \"-compile\")")
     ap.add_argument("--lora16", action="store_true", help="the LoRA matmuls in bf16 (lines \"+lora16\")")
+    ap.add_argument("--profile", type=int, default=0, help="profile this many T2 steps after the timed ones "
+                    "(where the time goes on each process)")
     ap.add_argument("--reduce", choices=["overlap", "after"], default="overlap",
                     help="sum the gradients during the last backward pass (the trainer's) or after it")
     args = ap.parse_args()
@@ -156,6 +213,9 @@ def main():
     reducer = Reducer([p for p in model.parameters() if p.requires_grad], world, overlap=args.reduce == "overlap")
     speed(model, world, device, "T2" + suffix, [random_window(g, 16, 256, world.size) for _ in range(args.steps + 1)],
           reducer)
+    if args.profile:
+        profile(model, world, device, [random_window(g, 16, 256, world.size) for _ in range(args.profile + 1)],
+                reducer)
     if world.size > 1:  # what the step's one communication costs: the LoRA gradients' all-reduce alone
         params = [p for p in model.parameters() if p.requires_grad]
         for p in params:

@@ -182,10 +182,12 @@ def _buckets(params: list[torch.Tensor], bucket: int) -> list[list[torch.Tensor]
 
 
 def _unflatten_grads(group: list[torch.Tensor], flat: torch.Tensor):
-    """Copy a bucket's summed numbers back into its parameters' .grad, in order."""
+    """Make each parameter's .grad its slice of the bucket's summed numbers, in order: views, not copies
+    (one copy a tensor was ~448 launches, most of the 8 ms after a 7B's backward: bench/NOTES.md #24).
+    The next step's zero_grad(set_to_none=True) lets the bucket go."""
     offset = 0
     for q in group:
-        q.grad.copy_(flat[offset:offset + q.numel()].view_as(q.grad))
+        q.grad = flat[offset:offset + q.numel()].view_as(q)
         offset += q.numel()
 
 
