@@ -10,7 +10,7 @@ The peer's baseline writes the checkpoint (--ckpt) once; then the peer's real-wo
 (bench/peer_real.py), then minqlora (bench/bench_qlora.py), each in its own process so that peaks and host
 memory are each one's own. A line whose correctness gate fails prints FAIL instead of a ratio.
 --gpus W adds T2 and T3 of the data-parallel step (bench/bench_ddp.py under torchrun) on 1 and on W GPUs
-of this host, and the speed-up.
+of this host, and the speed-up: 1- and W-process runs alternated --ddp_repeats times (2), the ratio of the means.
 """
 import argparse
 import json
