@@ -83,14 +83,13 @@ def gate(model, world, device, g, reducer):
     torch.cuda.empty_cache()
 
 
-def speed(model, world, device, line, windows, reducer):
-    """Tokens/s of every process together over windows[1:] (windows[0] warms up; with compiled layers every
-    window does once, compiling each new shape, as bench_qlora.py's "-compile" lines), and process 0's seconds
-    a step in each phase: forward + backward of its share, the gradients' all-reduce, clipping + update."""
+def stepper(model, world, device, reducer):
+    """One of trainer.train_step's steps on this process's share of a window (paged AdamW as train.py's:
+    optim.FlatPagedAdamW); it returns the step's seconds in each phase: forward + backward of the share, the
+    all-reduce left after the backward, clipping + update."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = build_optimizer(params, "paged_adamw_32bit", lr=3e-4)  # as train.py: optim.FlatPagedAdamW
+    opt = build_optimizer(params, "paged_adamw_32bit", lr=3e-4)
     model.train()
-    phases = [0.0, 0.0, 0.0]
 
     def step(window):
         t0 = sync_time()
@@ -103,18 +102,24 @@ def speed(model, world, device, line, windows, reducer):
         torch.nn.utils.clip_grad_norm_(params, 0.3)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        t3 = sync_time()
-        for i, dt in enumerate((t1 - t0, t2 - t1, t3 - t2)):
-            phases[i] += dt
+        return t1 - t0, t2 - t1, sync_time() - t2
 
+    return step
+
+
+def speed(model, world, device, line, windows, reducer):
+    """Tokens/s of every process together over windows[1:] (windows[0] warms up; with compiled layers every
+    window does once, compiling each new shape, as bench_qlora.py's "-compile" lines), and process 0's seconds
+    a step in each phase."""
+    step = stepper(model, world, device, reducer)
     for window in windows if "-compile" in line else windows[:1]:
         step(window)
-    phases[:] = [0.0, 0.0, 0.0]
+    phases = [0.0, 0.0, 0.0]
     torch.cuda.reset_peak_memory_stats()
     distributed.barrier(world)
     t = sync_time()
     for window in windows[1:]:
-        step(window)
+        phases = [a + b for a, b in zip(phases, step(window))]
     dt = sync_time() - t
     n = len(windows) - 1
     tokens = sum(int(b["attention_mask"].sum()) for w in windows[1:] for b in w)
@@ -125,56 +130,51 @@ def speed(model, world, device, line, windows, reducer):
         s_update=round(phases[2] / n, 4), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
 
 
+def union_us(spans):
+    """Microseconds covered by the union of (start, end) intervals."""
+    total, end = 0.0, None
+    for a, b in sorted(spans):
+        if end is None or a > end:
+            total, end = total + (b - a), b
+        elif b > end:
+            total, end = total + (b - end), b
+    return total
+
+
 def profile(model, world, device, windows, reducer):
-    """Where a step's time goes on each process (NOTES.md #24): wall seconds a step, the union of its GPU
-    kernels' intervals (busy), NCCL's kernels, and the kernel families that take the most time. If the
+    """Where a step's time goes on each process (NOTES.md #24): wall seconds a step, the union of its compute
+    kernels' intervals (busy), NCCL's kernels, the kernels and the CPU ops that take the most time. If the
     2-process pass is slower because kernels run slower, `busy` grows; if because the CPU issues them
     slower, the GPU's idle time (wall - busy) grows."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = build_optimizer(params, "paged_adamw_32bit", lr=3e-4)
-    model.train()
-
-    def step(window):
-        accumulate_gradients(model, distributed.deal(window, world), device, "example", pad_id=0,
-                             pass_tokens=PASS_TOKENS, totals=accumulate.step_totals(window),
-                             last_backward=reducer.arm)
-        reducer.finish()
-        torch.nn.utils.clip_grad_norm_(params, 0.3)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = stepper(model, world, device, reducer)
     step(windows[0])
     distributed.barrier(world)
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t = sync_time()
         for window in windows[1:]:
             step(window)
-        wall = sync_time() - t
+        wall = (sync_time() - t) / (len(windows) - 1)  # seconds a step
     n = len(windows) - 1
-    spans, families = [], {}
+    spans, kernels = [], {}  # compute kernels' (start, end) in us; ms a step by kernel name (NCCL's together)
     for e in prof.events():
         if e.device_type != torch.autograd.DeviceType.CUDA:
             continue
-        name = e.name.split("<")[0].split("(")[0][:48]
         nccl = "nccl" in e.name.lower()
         if not nccl:
             spans.append((e.time_range.start, e.time_range.end))
-        key = "nccl" if nccl else name
-        families[key] = families.get(key, 0.0) + (e.time_range.end - e.time_range.start) / 1e6 / n
-    busy, end = 0.0, None
-    for a, b in sorted(spans):  # the union of the compute kernels' intervals
-        if end is None or a > end:
-            busy, end = busy + (b - a), b
-        elif b > end:
-            busy, end = busy + (b - end), b
-    top = dict(sorted(((k, round(v * 1e3, 2)) for k, v in families.items()), key=lambda kv: -kv[1])[:12])
-    cpu = {e.key[:48]: round(e.self_cpu_time_total / 1e3 / n, 2) for e in prof.key_averages()
+        key = "nccl" if nccl else e.name.split("<")[0].split("(")[0][:48]
+        kernels[key] = kernels.get(key, 0.0) + (e.time_range.end - e.time_range.start) / 1e3 / n
+    cpu = {e.key[:48]: e.self_cpu_time_total / 1e3 / n for e in prof.key_averages()
            if e.device_type == torch.autograd.DeviceType.CPU}
-    top_cpu = dict(sorted(cpu.items(), key=lambda kv: -kv[1])[:10])
-    mine = {"rank": world.rank, "s_step": round(wall / n, 4), "s_busy": round(busy / 1e6 / n, 4),
-            "s_idle": round(wall / n - busy / 1e6 / n, 4), "ms_nccl": top.get("nccl", round(families.get("nccl", 0) * 1e3, 2)),
-            "kernels_per_step": round(len(spans) / n), "top_ms": top, "top_cpu_ms": top_cpu}
+    busy = union_us(spans) / 1e6 / n
+
+    def top(d, k):
+        return {name: round(ms, 2) for name, ms in sorted(d.items(), key=lambda kv: -kv[1])[:k]}
+
+    mine = {"rank": world.rank, "s_step": round(wall, 4), "s_busy": round(busy, 4), "s_idle": round(wall - busy, 4),
+            "ms_nccl": round(kernels.get("nccl", 0.0), 2), "kernels_per_step": round(len(spans) / n),
+            "top_ms": top(kernels, 12), "top_cpu_ms": top(cpu, 10)}
     for row in distributed.gather([mine], world):
         log(world, event="profile", **row)
     torch.cuda.empty_cache()
