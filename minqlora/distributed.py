@@ -19,8 +19,9 @@ This is DistributedDataParallel's arithmetic, written out: `reduce_gradients` su
 flat buffers after the backward; `OverlappedReduce` (the trainer's) sums the same buffers but starts each
 during the step's last backward pass, as soon as backward has finished its gradients (torch's DDP overlaps
 communication the same way, with hooks; its wrapper is not used because its hooks would also fire on the
-micro-steps and inside packed and CUDA-graphed passes). On two H200s that hides most of the ~10-30 ms a step
-of summing a 7B's ~160M fp32 LoRA numbers behind a ~0.4 s pass (bench/NOTES.md #21).
+micro-steps and inside packed and CUDA-graphed passes). The summed buckets become the gradients (views, no
+copy back). On two H200s summing a 7B's ~160M fp32 LoRA numbers then leaves 3-4 ms after a ~0.4 s pass
+(bench/NOTES.md #21, #25).
 No paper section; checked in tests/test_distributed.py (2 gloo processes against 1 process).
 """
 from __future__ import annotations
