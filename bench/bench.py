@@ -100,7 +100,7 @@ def table(peer, mine, gates, ceiling_tflops):
 
 def several_gpus(py, w, args, shared, out):
     """bench_ddp.py on 1 and on w processes, alternated `--ddp_repeats` times (a single run's pace moves by up
-    to 10% between runs on these hosts: bench/NOTES.md #24); a table of T2 and T3 tokens/s, each the mean of
+    to 10-15% between runs on these hosts: bench/NOTES.md #24, #26); a table of T2 and T3 tokens/s, each the mean of
     its runs, every run's figure beside it, and the speed-up of the means."""
     runs = {1: [], w: []}
     for i in range(args.ddp_repeats):

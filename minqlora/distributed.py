@@ -184,8 +184,8 @@ def _buckets(params: list[torch.Tensor], bucket: int) -> list[list[torch.Tensor]
 
 def _unflatten_grads(group: list[torch.Tensor], flat: torch.Tensor):
     """Make each parameter's .grad its slice of the bucket's summed numbers, in order: views, not copies
-    (one copy a tensor was ~448 launches, most of the 8 ms after a 7B's backward: bench/NOTES.md #24).
-    The next step's zero_grad(set_to_none=True) lets the bucket go."""
+    (a copy per tensor was ~448 launches a step, most of the 8 ms left after a 7B's backward: bench/NOTES.md
+    #25). The next step's zero_grad(set_to_none=True) lets the bucket go."""
     offset = 0
     for q in group:
         q.grad = flat[offset:offset + q.numel()].view_as(q)
