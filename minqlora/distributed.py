@@ -161,13 +161,18 @@ def reduce_gradients(params: list[torch.Tensor], world: World, bucket: int = 1 <
     this process (it saw no micro-batch) contributes zeros."""
     if world.size == 1:
         return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
+    _zeros_for_missing(params)
     for group in _buckets(params, bucket):
         flat = torch.cat([q.grad.reshape(-1) for q in group])  # (numbers in the bucket,)
         dist.all_reduce(flat)
         _unflatten_grads(group, flat)
+
+
+def _zeros_for_missing(params: list[torch.Tensor]):
+    """A parameter without a gradient on this process (it saw no micro-batch) contributes zeros to the sum."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
 
 
 def _buckets(params: list[torch.Tensor], bucket: int) -> list[list[torch.Tensor]]:
@@ -233,10 +238,7 @@ class OverlappedReduce:
         if not self.armed:  # no backward pass on this process this step
             self.arm()
         self.armed = False
-        for group in self.buckets[self.next:]:
-            for p in group:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
+        _zeros_for_missing([p for group in self.buckets[self.next:] for p in group])
         while self.next < len(self.buckets):
             self._send()
         for group, flat, work in self.sent:
