@@ -129,30 +129,45 @@ def graphed(model, window, device, normalization="example", scaler=None, *, grap
     return step_loss
 
 
-def pack(window, weights, pad_id: int, pass_tokens: int, multiple: int = 64
+PAD_MULTIPLE = 64  # a pass's length rounds up to this: few shapes, so GPU libraries' per-shape plans are reused
+
+
+def padded(n: int, multiple: int = PAD_MULTIPLE) -> int:
+    return -(-n // multiple) * multiple
+
+
+def add_row(state: tuple[int, int, int], n: int, pass_tokens: int, multiple: int = PAD_MULTIPLE
+            ) -> tuple[int, int, int]:
+    """`pack`'s rule for one more row of length n. state: (padded tokens of the closed passes, rows in the open
+    pass, its padded length). A row opens a new pass when the open one, with it, would exceed pass_tokens."""
+    closed, rows, T = state
+    longest = max(T, padded(n, multiple))
+    if rows and longest * (rows + 1) > pass_tokens:
+        return closed + rows * T, 1, padded(n, multiple)
+    return closed, rows + 1, longest
+
+
+def padded_tokens(state: tuple[int, int, int]) -> int:
+    """The tokens, padding included, that the passes of `add_row`'s state compute."""
+    return state[0] + state[1] * state[2]
+
+
+def pack(window, weights, pad_id: int, pass_tokens: int, multiple: int = PAD_MULTIPLE
          ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The step's rows as passes of (ids (R, T), labels (R, T), weights (R, T-1)), R * T <= pass_tokens
     (or one row when a row alone is longer); rows keep their order, each pass right-padded to its longest
-    row rounded up to `multiple` (a few shapes, so the GPU libraries' per-shape plans are reused)."""
-    rows = []
+    row rounded up to `multiple` (add_row's rule)."""
+    passes, state = [], (0, 0, 0)
     for b, w in zip(window, weights):
         for i in range(b["input_ids"].shape[0]):
             n = int(b["attention_mask"][i].sum())  # the row's real length (right padding)
-            rows.append((b["input_ids"][i, :n], b["labels"][i, :n], w[i, :max(n - 1, 0)]))
-    passes, current = [], []
-    def padded(n):
-        return -(-n // multiple) * multiple
-
-    for row in rows:
-        longest = padded(max([len(r[0]) for r in current + [row]]))
-        if current and longest * (len(current) + 1) > pass_tokens:
-            passes.append(current)
-            current = []
-        current.append(row)
-    passes.append(current)
+            state = add_row(state, n, pass_tokens, multiple)
+            if state[1] == 1:  # the row opened a pass
+                passes.append([])
+            passes[-1].append((b["input_ids"][i, :n], b["labels"][i, :n], w[i, :max(n - 1, 0)]))
     out = []
     for rs in passes:
-        T = padded(max(len(r[0]) for r in rs))
+        T = padded(max(len(r[0]) for r in rs), multiple)
         ids = torch.stack([F.pad(r[0], (0, T - len(r[0])), value=pad_id) for r in rs])  # (R, T)
         labels = torch.stack([F.pad(r[1], (0, T - len(r[1])), value=IGNORE_INDEX) for r in rs])  # (R, T)
         w = torch.stack([F.pad(r[2], (0, T - 1 - len(r[2])), value=0.0) for r in rs])  # (R, T-1)

@@ -179,7 +179,7 @@ def train_step(run: Run) -> tuple[float, float, float, int]:
     if not window:  # resume_run refuses a position past the data; reaching this is a bug
         raise RuntimeError(f"empty step at epoch {run.order.epoch}, micro-batch {run.order.pos}")
     # This process's micro-batches, weighed by the whole step's counts; the sum over processes starts in the last.
-    step_loss = accumulate_gradients(run.model, distributed.deal(window, run.world), run.device,
+    step_loss = accumulate_gradients(run.model, distributed.deal(window, run.world, run.pass_tokens), run.device,
                                      t.loss_normalization, scaler, pad_id=run.tok.pad_id,
                                      pass_tokens=run.pass_tokens, graphs=run.graphs,
                                      totals=accumulate.step_totals(window), last_backward=run.reducer.arm)

@@ -189,6 +189,39 @@ def test_deal_partitions_a_window_and_balances_its_tokens():
     assert deal(window, World(rank=0, size=1)) == window
 
 
+def test_deal_packed_cuts_the_window_where_the_padding_is_least():
+    """With packed passes (pass_tokens > 0) a pass costs rows x its longest row: every micro-batch to exactly one
+    process, each share longest first, and the most padded tokens a process computes is the least any cut of
+    the length-sorted window into 2 runs gives (brute force), below dealing by token count's."""
+    from minqlora.accumulate import add_row, padded_tokens
+    from minqlora.distributed import World, deal
+
+    def cost(share):
+        state = (0, 0, 0)
+        for b in share:
+            for n in b["attention_mask"].sum(1).tolist():
+                state = add_row(state, n, 4096)
+        return padded_tokens(state)
+
+    # a group_by_length window: two mega-batches' tails, each longest first; micro-batches of 1 and 2 rows
+    lengths = [250, 240, 230, 200, 180, 160, 130, 120, 100, 90, 70, 60, 255, 140, 110, 40]
+    window = [{"attention_mask": torch.ones(1, n, dtype=torch.long), "i": i} for i, n in enumerate(lengths)]
+    window.append({"attention_mask": torch.tensor([[1] * 100 + [0] * 20, [1] * 120]), "i": len(window)})
+    shares = [deal(window, World(rank=r, size=2), pass_tokens=4096) for r in range(2)]
+    assert sorted(b["i"] for s in shares for b in s) == list(range(len(window)))
+    for s in shares:
+        longest = [int(b["attention_mask"].sum(1).max()) for b in s]
+        assert longest == sorted(longest, reverse=True)
+    by_length = sorted(window, key=lambda b: -int(b["attention_mask"].sum(1).max()))
+    best = min(max(cost(by_length[:k]), cost(by_length[k:])) for k in range(len(by_length) + 1))
+    assert max(map(cost, shares)) == best
+    by_tokens = [deal(window, World(rank=r, size=2)) for r in range(2)]
+    assert best < max(map(cost, by_tokens))
+    assert deal(window, World(rank=0, size=1), pass_tokens=4096) == window
+    few = window[:3]  # fewer micro-batches than processes: one each, the last process none
+    assert [[b["i"] for b in deal(few, World(rank=r, size=4), 4096)] for r in range(4)] == [[0], [1], [2], []]
+
+
 def test_overlapped_reduce_sums_as_reduce_gradients():
     """The trainer's all-reduce started during the last backward pass (distributed.OverlappedReduce, many
     buckets) gives reduce_gradients' sums exactly, also when one process has no backward pass in the step."""
