@@ -113,7 +113,8 @@ def several_gpus(py, w, args, shared, out):
     rows = [f"| line | 1 GPU | {w} GPUs | speed-up | runs, 1 GPU | runs, {w} GPUs | peak GiB a GPU (1 / {w}) |",
             "|---|---|---|---|---|---|---|"]
     for line in ("T2", "T3"):
-        found = {n: [next((r for r in rs if r.get("event") == "train" and r["line"].split("-")[0].split("+")[0] == line),
+        found = {n: [next((r for r in rs if r.get("event") == "train" and r.get("deal") != "tokens"
+                               and r["line"].split("-")[0].split("+")[0] == line),
                           None) for rs in runs[n]] for n in (1, w)}
         if all(found[1]) and all(found[w]):
             speed = {n: [r["tokens_per_s"] for r in found[n]] for n in (1, w)}

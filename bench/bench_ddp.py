@@ -59,7 +59,7 @@ class Reducer:
 
 def backward(model, window, world, device, reducer):
     """trainer.train_step's gradient: this process's share of `window`, the whole window's weights, summed."""
-    loss = accumulate_gradients(model, distributed.deal(window, world), device, "example", pad_id=0,
+    loss = accumulate_gradients(model, distributed.deal(window, world, PASS_TOKENS), device, "example", pad_id=0,
                                 pass_tokens=PASS_TOKENS, totals=accumulate.step_totals(window),
                                 last_backward=reducer.arm)
     reducer.finish()
@@ -83,17 +83,18 @@ def gate(model, world, device, g, reducer):
     torch.cuda.empty_cache()
 
 
-def stepper(model, world, device, reducer):
+def stepper(model, world, device, reducer, deal_tokens=PASS_TOKENS):
     """One of trainer.train_step's steps on this process's share of a window (paged AdamW as train.py's:
-    optim.FlatPagedAdamW); it returns the step's seconds in each phase: forward + backward of the share, the
-    all-reduce left after the backward, clipping + update."""
+    optim.FlatPagedAdamW; `deal_tokens` 0: the share dealt by token count, as before bench/NOTES.md #28); it
+    returns the step's seconds in each phase: forward + backward of the share, the all-reduce left after the
+    backward, clipping + update."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, "paged_adamw_32bit", lr=3e-4)
     model.train()
 
     def step(window):
         t0 = sync_time()
-        accumulate_gradients(model, distributed.deal(window, world), device, "example", pad_id=0,
+        accumulate_gradients(model, distributed.deal(window, world, deal_tokens), device, "example", pad_id=0,
                              pass_tokens=PASS_TOKENS, totals=accumulate.step_totals(window),
                              last_backward=reducer.arm)
         t1 = sync_time()  # (overlapped: the all-reduces sent during the backward are done here too)
@@ -107,11 +108,11 @@ def stepper(model, world, device, reducer):
     return step
 
 
-def speed(model, world, device, line, windows, reducer):
+def speed(model, world, device, line, windows, reducer, deal_tokens=PASS_TOKENS):
     """Tokens/s of every process together over windows[1:] (windows[0] warms up; with compiled layers every
     window does once, compiling each new shape, as bench_qlora.py's "-compile" lines), and process 0's seconds
     a step in each phase."""
-    step = stepper(model, world, device, reducer)
+    step = stepper(model, world, device, reducer, deal_tokens)
     for window in windows if "-compile" in line else windows[:1]:
         step(window)
     phases = [0.0, 0.0, 0.0]
@@ -124,7 +125,8 @@ def speed(model, world, device, line, windows, reducer):
     n = len(windows) - 1
     tokens = sum(int(b["attention_mask"].sum()) for w in windows[1:] for b in w)
     backward_s = distributed.gather([round(phases[0] / n, 4)], world)  # every process's: the skew shows
-    log(world, event="train", line=line, reduce="overlap" if reducer.overlapped else "after", tokens=tokens,
+    log(world, event="train", line=line, reduce="overlap" if reducer.overlapped else "after",
+        deal="packed" if deal_tokens else "tokens", tokens=tokens,
         opt_steps=n, tokens_per_s=round(tokens / dt, 1),
         s_per_opt_step=round(dt / n, 3), s_backward=backward_s, s_all_reduce=round(phases[1] / n, 4),
         s_update=round(phases[2] / n, 4), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
@@ -192,6 +194,8 @@ def main():
     ap.add_argument("--lora16", action="store_true", help="the LoRA matmuls in bf16 (lines \"+lora16\")")
     ap.add_argument("--profile", type=int, default=0, help="profile this many T2 steps after the timed ones "
                     "(where the time goes on each process)")
+    ap.add_argument("--compare_deal", action="store_true", help="T3 once more, each window dealt by token count "
+                    "instead of by padded passes (distributed.deal_packed; logged with deal \"tokens\")")
     ap.add_argument("--reduce", choices=["overlap", "after"], default="overlap",
                     help="sum the gradients during the last backward pass (the trainer's) or after it")
     args = ap.parse_args()
@@ -231,8 +235,10 @@ def main():
     if args.shared:
         tok = Tokenizer.from_dir(Path(args.shared) / "tokenizers/llama2")
         records = json.loads((Path(args.shared) / "data/adl2023-hw3/train.json").read_text(encoding="utf-8"))
-        speed(model, world, device, "T3" + suffix, t3_windows(tok, records[:args.t3_records], 16 * world.size),
-              reducer)
+        windows = t3_windows(tok, records[:args.t3_records], 16 * world.size)
+        speed(model, world, device, "T3" + suffix, windows, reducer)
+        if args.compare_deal and world.size > 1:  # the same windows dealt by token count (before NOTES.md #28)
+            speed(model, world, device, "T3" + suffix, windows, reducer, deal_tokens=0)
     # The gate last, so that the timed steps run on a process in the state the trainer's are (first suspected of
     # slowing them; moving it did not change the figures: bench/NOTES.md #17).
     if world.size > 1 and not args.skip_gate:  # eager, with fp32 LoRA: it checks the sharding of the step
