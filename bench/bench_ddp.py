@@ -1,9 +1,9 @@
 """minqlora on several GPUs of one host (issue 10): T2 and T3 tokens/s of the data-parallel training step,
 run under torchrun once with 1 process and once with W; bench/bench.py --gpus W runs both and prints the
 speed-up. The step is trainer.train_step's: the step's window of micro-batches dealt out over the
-processes by token count (distributed.deal), each weighed by the whole window's counts, the LoRA gradients summed once
-during the last backward pass (distributed.OverlappedReduce; `--reduce after`: after it, reduce_gradients),
-then clipping and paged AdamW on every process.
+processes as the packed passes need (distributed.deal), each weighed by the whole window's counts, the LoRA
+gradients summed once during the last backward pass (distributed.OverlappedReduce; `--reduce after`: after it,
+reduce_gradients), then clipping and paged AdamW on every process.
 
     torchrun --nproc_per_node W bench/bench_ddp.py --ckpt CKPT --shared SHARED
 
@@ -13,6 +13,9 @@ Per process the setting is one GPU's (as transformers counts it, the effective b
         the same first 256 records for every W (W times fewer steps)
 --torch_compile compiles each decoder layer (train.py's --torch_compile; the line is then "T2-compile"), --lora16
 runs the LoRA matmuls in bf16 (train.py's --lora_in_compute_dtype; "+lora16").
+--compare_deal (W > 1) times T3 once more with each window dealt by token count, as before bench/NOTES.md #28;
+--emulate W (one process, one GPU) times T3 and each of W processes' shares of its W-times-larger windows in
+turn, dealt both ways: the W-process step without communication or a second GPU (emulate()).
 A gate last (W > 1), eager, in fp32 as bench_qlora.py's: the gradient summed over the processes against process 0
 alone computing the whole window (loss within 1e-2 relative, gradient cosine >= 0.999).
 """
@@ -132,6 +135,41 @@ def speed(model, world, device, line, windows, reducer, deal_tokens=PASS_TOKENS)
         s_update=round(phases[2] / n, 4), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
 
 
+def emulate(model, device, line, windows, w, deal_tokens=PASS_TOKENS):
+    """One process computing each of w processes' shares of every window in turn (bench/NOTES.md #28): a
+    w-process step if every process ran at this GPU's pace, without communication: the slowest share's
+    forward + backward, then the update. It isolates how the dealing balances the work from the host's pace
+    and NCCL's (#24, #26), and needs one GPU."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(params, "paged_adamw_32bit", lr=3e-4)
+    model.train()
+
+    def step(window):
+        shares = []
+        for r in range(w):
+            t = sync_time()
+            accumulate_gradients(model, distributed.deal(window, distributed.World(rank=r, size=w), deal_tokens),
+                                 device, "example", pad_id=0, pass_tokens=PASS_TOKENS,
+                                 totals=accumulate.step_totals(window))
+            shares.append(sync_time() - t)
+        t = sync_time()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return max(shares) + sync_time() - t, shares
+
+    for window in windows if "-compile" in line else windows[:1]:
+        step(window)
+    steps = [step(window) for window in windows[1:]]
+    tokens = sum(int(b["attention_mask"].sum()) for win in windows[1:] for b in win)
+    n = len(steps)
+    print(json.dumps({"impl": "minqlora", "event": "emulate", "line": line, "processes_emulated": w,
+                      "deal": "packed" if deal_tokens else "tokens", "tokens": tokens, "opt_steps": n,
+                      "tokens_per_s": round(tokens / sum(s for s, _ in steps), 1),
+                      "s_share": [round(sum(sh[r] for _, sh in steps) / n, 4) for r in range(w)],
+                      "s_slowest_share": round(sum(max(sh) for _, sh in steps) / n, 4)}), flush=True)
+
+
 def union_us(spans):
     """Microseconds covered by the union of (start, end) intervals."""
     total, end = 0.0, None
@@ -196,6 +234,8 @@ def main():
                     "(where the time goes on each process)")
     ap.add_argument("--compare_deal", action="store_true", help="T3 once more, each window dealt by token count "
                     "instead of by padded passes (distributed.deal_packed; logged with deal \"tokens\")")
+    ap.add_argument("--emulate", type=int, default=0, help="one process: T3 only, also as this many processes "
+                    "would share its windows, each share timed in turn (emulate(); needs --shared)")
     ap.add_argument("--reduce", choices=["overlap", "after"], default="overlap",
                     help="sum the gradients during the last backward pass (the trainer's) or after it")
     args = ap.parse_args()
@@ -215,6 +255,17 @@ def main():
         set_compute_dtype(model, torch.bfloat16)
     g = torch.Generator().manual_seed(0)  # the same windows on every process: each takes its share
     reducer = Reducer([p for p in model.parameters() if p.requires_grad], world, overlap=args.reduce == "overlap")
+    if args.emulate:
+        assert world.size == 1 and args.shared, "--emulate runs as one process and needs --shared"
+        # T3 on this process, and as args.emulate processes would share it, both dealings, twice
+        tok = Tokenizer.from_dir(Path(args.shared) / "tokenizers/llama2")
+        records = json.loads((Path(args.shared) / "data/adl2023-hw3/train.json").read_text(encoding="utf-8"))
+        for _ in range(2):
+            speed(model, world, device, "T3" + suffix, t3_windows(tok, records[:args.t3_records], 16), reducer)
+            for deal_tokens in (PASS_TOKENS, 0):
+                emulate(model, device, "T3" + suffix, t3_windows(tok, records[:args.t3_records], 16 * args.emulate),
+                        args.emulate, deal_tokens)
+        return
     speed(model, world, device, "T2" + suffix, [random_window(g, 16, 256, world.size) for _ in range(args.steps + 1)],
           reducer)
     if args.profile:
