@@ -132,8 +132,8 @@ def deal(batches: list[dict], world: World, pass_tokens: int = 0) -> list[dict]:
 
 def deal_packed(batches: list[dict], world: World, pass_tokens: int) -> list[dict]:
     """This process's share when its micro-batches' rows are packed into padded passes (accumulate.pack): a pass
-    costs its rows x its longest row, padding included. Dealing alternately pads every process's rows up to the
-    window's longest; here the micro-batches, longest first, are cut into W runs of similar lengths, the cuts
+    costs its rows x its longest row, padding included. Dealing by token count pads every process's rows up to
+    the window's longest; here the micro-batches, longest first, are cut into W runs of similar lengths, the cuts
     placed so that the most padded tokens any process computes is as small as these cuts allow (bisection on
     that bound, each run filled greedily). Process r takes run r, longest first: the order its cost assumed.
     On T3's windows (group_by_length) this is 13% fewer padded tokens a process than dealing by token count
