@@ -170,6 +170,13 @@ def emulate(model, device, line, windows, w, deal_tokens=PASS_TOKENS):
                       "s_slowest_share": round(sum(max(sh) for _, sh in steps) / n, 4)}), flush=True)
 
 
+def course_records(shared, n):
+    """The Llama-2 tokenizer and the course's first n training records (T3's)."""
+    tok = Tokenizer.from_dir(Path(shared) / "tokenizers/llama2")
+    records = json.loads((Path(shared) / "data/adl2023-hw3/train.json").read_text(encoding="utf-8"))
+    return tok, records[:n]
+
+
 def union_us(spans):
     """Microseconds covered by the union of (start, end) intervals."""
     total, end = 0.0, None
@@ -258,13 +265,12 @@ def main():
     if args.emulate:
         assert world.size == 1 and args.shared, "--emulate runs as one process and needs --shared"
         # T3 on this process, and as args.emulate processes would share it, both dealings, twice
-        tok = Tokenizer.from_dir(Path(args.shared) / "tokenizers/llama2")
-        records = json.loads((Path(args.shared) / "data/adl2023-hw3/train.json").read_text(encoding="utf-8"))
+        tok, records = course_records(args.shared, args.t3_records)
+        one, several = t3_windows(tok, records, 16), t3_windows(tok, records, 16 * args.emulate)
         for _ in range(2):
-            speed(model, world, device, "T3" + suffix, t3_windows(tok, records[:args.t3_records], 16), reducer)
+            speed(model, world, device, "T3" + suffix, one, reducer)
             for deal_tokens in (PASS_TOKENS, 0):
-                emulate(model, device, "T3" + suffix, t3_windows(tok, records[:args.t3_records], 16 * args.emulate),
-                        args.emulate, deal_tokens)
+                emulate(model, device, "T3" + suffix, several, args.emulate, deal_tokens)
         return
     speed(model, world, device, "T2" + suffix, [random_window(g, 16, 256, world.size) for _ in range(args.steps + 1)],
           reducer)
@@ -284,9 +290,8 @@ def main():
         log(world, event="all_reduce", numbers=n, ms=round(ms, 2), gb_per_s=round(4 * n / ms / 1e6, 1))
         model.zero_grad(set_to_none=True)
     if args.shared:
-        tok = Tokenizer.from_dir(Path(args.shared) / "tokenizers/llama2")
-        records = json.loads((Path(args.shared) / "data/adl2023-hw3/train.json").read_text(encoding="utf-8"))
-        windows = t3_windows(tok, records[:args.t3_records], 16 * world.size)
+        tok, records = course_records(args.shared, args.t3_records)
+        windows = t3_windows(tok, records, 16 * world.size)
         speed(model, world, device, "T3" + suffix, windows, reducer)
         if args.compare_deal and world.size > 1:  # the same windows dealt by token count (before NOTES.md #28)
             speed(model, world, device, "T3" + suffix, windows, reducer, deal_tokens=0)

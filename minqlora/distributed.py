@@ -141,25 +141,23 @@ def deal_packed(batches: list[dict], world: World, pass_tokens: int) -> list[dic
     rows = [[int(n) for n in b["attention_mask"].sum(1)] for b in batches]  # each micro-batch's row lengths
     order = sorted(range(len(batches)), key=lambda i: -max(rows[i]))  # stable: equal lengths keep their order
 
-    def add(state, i):
-        for n in rows[i]:
-            state = accumulate.add_row(state, n, pass_tokens)
+    def add(state, items):  # pack's state after the rows of these micro-batches
+        for i in items:
+            for n in rows[i]:
+                state = accumulate.add_row(state, n, pass_tokens)
         return state
 
     def runs(bound: int) -> list[list[int]]:  # `order` cut greedily into runs of at most `bound` padded tokens
         out, state = [[]], (0, 0, 0)
         for i in order:
-            state = add(state, i)
+            state = add(state, [i])
             if len(out[-1]) and accumulate.padded_tokens(state) > bound:
                 out.append([])
-                state = add((0, 0, 0), i)
+                state = add((0, 0, 0), [i])
             out[-1].append(i)
         return out
 
-    everything = (0, 0, 0)
-    for i in order:
-        everything = add(everything, i)
-    lo, hi = 0, accumulate.padded_tokens(everything)  # one run holds them all
+    lo, hi = 0, accumulate.padded_tokens(add((0, 0, 0), order))  # one run holds them all
     while lo < hi:  # the smallest bound that needs at most W runs
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if len(runs(mid)) <= world.size else (mid + 1, hi)
