@@ -30,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bitsandbytes as bnb  # noqa: E402
 import torch  # noqa: E402
 
-from bench_qlora import PASS_TOKENS, compute_in, gate_weights, grads, random_window, sync_time, t3_windows  # noqa: E402
+from bench_decode import compute_in  # noqa: E402  (this folder)
+from gates import gate_weights, grads  # noqa: E402
+from workloads import PASS_TOKENS, random_window, sync_time, t3_windows  # noqa: E402
 from minqlora import accumulate, compiled, distributed  # noqa: E402
 from minqlora.loader import load_model  # noqa: E402
 from minqlora.lora import apply_lora, set_compute_dtype  # noqa: E402

@@ -18,7 +18,6 @@ plain eager path on the same inputs (loss within 1e-2 relative, LoRA-gradient co
     L1         load + quantize
 """
 import argparse
-import contextlib
 import gc
 import json
 import resource
@@ -35,151 +34,13 @@ from minqlora import accumulate, compiled  # noqa: E402
 from minqlora.cudagraph import GraphedForward  # noqa: E402
 from minqlora.loader import load_model  # noqa: E402
 from minqlora.lora import apply_lora, computing_in, lora_modules  # noqa: E402
-from minqlora.loss import IGNORE_INDEX  # noqa: E402
 from minqlora.optim import build_optimizer  # noqa: E402
 from minqlora.perplexity import mean_perplexity, perplexities  # noqa: E402
 from minqlora.tokenizer import Tokenizer  # noqa: E402
-from minqlora.trainer import accumulate_gradients  # noqa: E402
 
-from bench_decode import compute_in, g1  # noqa: E402  (this folder: G1 and G1-compile)
-
-ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately "
-          "completes the request.\n\n### Instruction:\n{}\n\n### Response: ")
-COURSE = ("你是人工智慧助理，以下是用戶和人工智能助理之間的對話。"
-          "你要對用戶的問題提供有用、安全、詳細和禮貌的回答。USER: {} ASSISTANT:")
-PASS_TOKENS = 4096
-
-
-def log(**kw):
-    print(json.dumps({"impl": "minqlora", **kw}), flush=True)
-
-
-def sync_time():
-    torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def batch_of(rows, pad_id=0):
-    """Right-padded {input_ids, labels, attention_mask} from (ids, labels) lists."""
-    T = max(len(r[0]) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, (x, y) in enumerate(rows):
-        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def random_window(g, batch, seq, accum):
-    out = []
-    for _ in range(accum):
-        rows = []
-        for _ in range(batch):
-            ids = torch.randint(3, 32000, (seq,), generator=g).tolist()
-            rows.append((ids, [IGNORE_INDEX] * (seq // 2) + ids[seq // 2:]))  # source tokens not scored
-        out.append(batch_of(rows))
-    return out
-
-
-def configure(model, *, pass_tokens=0, graphs=None):
-    return lambda win: accumulate_gradients(model, win, "cuda", "example", pad_id=0, pass_tokens=pass_tokens,
-                                            graphs=graphs)
-
-
-def grads(model):
-    return torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
-
-
-def gate_train(model, g, with_compiled=False):
-    """Each training fast path against the plain path (batch-1 eager passes) on the same step, dropout at 0.
-
-    The pass/fail gate computes in fp32: it checks that a fast path computes the same function. In bf16
-    a random 7B network amplifies rounding, so that two valid orders of the same sums already differ
-    (packing at 512 vs 4096 tokens a pass): those cosines are logged beside the gate, for reference."""
-    win = random_window(g, 1, 256, 16)
-    with gate_weights(model):
-        gate_paths(model, win, with_compiled)
-
-
-def gate_optimizer(model, steps=3):
-    """The one-call optimizer (optim.FlatPagedAdamW) against bitsandbytes' per-tensor PagedAdamW32bit on the
-    GPU: copies of the LoRA tensors of the first layer, the same gradients, `steps` updates: equal to the bit."""
-    shapes = [p.shape for n, p in model.named_parameters() if p.requires_grad and ".layers.0." in n]
-    g = torch.Generator(device="cuda").manual_seed(0)
-    start = [torch.randn(s, device="cuda", generator=g) for s in shapes]
-    grads = [[torch.randn(s, device="cuda", generator=g) for s in shapes] for _ in range(steps)]
-    out = []
-    for make in (lambda ps: bnb.optim.PagedAdamW32bit(ps, lr=1e-2, weight_decay=0.0),
-                 lambda ps: build_optimizer(ps, "paged_adamw_32bit", lr=1e-2)):
-        ps = [torch.nn.Parameter(t.clone()) for t in start]
-        opt = make(ps)
-        for step in grads:
-            for p, gr in zip(ps, step):
-                p.grad = gr.clone()
-            opt.step()
-        out.append(ps)
-    equal = all(torch.equal(a, b) for a, b in zip(*out))
-    log(event="gate", line="optimizer (one call vs bnb per tensor)", tensors=len(shapes), steps=steps, ok=equal)
-
-
-def fresh_compile():
-    """Forget compiled graphs (they stay wrapped, and compile again on their next call), so that a "-compile"
-    line sees only its own shapes, as a training run would: shapes of earlier lines (the fp32 gate, T1's
-    varied pass lengths) would otherwise leave it the dynamic-length graph."""
-    torch._dynamo.reset()
-
-
-@contextlib.contextmanager
-def gate_weights(model):
-    """A gate's setting: a non-zero LoRA B (so that lora_A gets gradients too; the same on every process, the
-    same seed), dropout 0; on leaving, the fresh adapter (B = 0, no gradients) and the dropout it had."""
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_B.weight.normal_(0, 1e-3)
-    drops = [m.lora_dropout for m in lora_modules(model).values() if hasattr(m.lora_dropout, "p")]
-    saved = [d.p for d in drops]
-    for d in drops:
-        d.p = 0.0
-    try:
-        yield
-    finally:
-        for d, p in zip(drops, saved):
-            d.p = p
-        model.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for m in lora_modules(model).values():
-                m.lora_B.weight.zero_()
-
-
-def gate_paths(model, win, with_compiled):
-    """gate_train's comparisons on one window: fp32 gates, then the bf16 figures logged for reference."""
-    model.train()  # as in training (checkpointing on)
-    packed = dict(pass_tokens=PASS_TOKENS)
-    compiled_variant = (("T1-compile", packed),) if with_compiled else ()  # the packed pass, layers compiled
-    for dtype, variants in ((torch.float32, (("T1-strict", dict(graphs=accumulate.GraphedLoss(pad_id=0))),
-                                             ("T1", packed)) + compiled_variant),
-                            (torch.bfloat16, (("T1", packed), ("T1 at 512 tokens a pass", dict(pass_tokens=512)),
-                                              ("plain+lora16", {}), ("T1+lora16", packed))
-                             + compiled_variant + tuple((n + "+lora16", kw) for n, kw in compiled_variant))):
-        compute_in(model, dtype)
-        results = {}
-        for name, kw in (("plain", {}),) + variants:
-            model.zero_grad(set_to_none=True)
-            # "+lora16": the LoRA matmuls in bf16 (--lora_in_compute_dtype), against the fp32-LoRA plain path
-            with (contextlib.nullcontext() if "-compile" in name else compiled.eager()), \
-                    computing_in(model, torch.bfloat16 if name.endswith("+lora16") else None):
-                loss = float(configure(model, **kw)(win))
-            results[name] = (loss, grads(model))
-        ref_loss, ref_grad = results.pop("plain")
-        for name, (loss, grad) in results.items():
-            rel = abs(loss - ref_loss) / abs(ref_loss)
-            cos = float(torch.nn.functional.cosine_similarity(grad, ref_grad, dim=0))
-            ok = rel <= 1e-2 and cos >= 0.999
-            if dtype == torch.float32:
-                log(event="gate", line=name, dtype="float32", loss_rel=rel, grad_cos=cos, ok=ok)
-            else:
-                log(event="bf16_reference", line=name, loss_rel=rel, grad_cos=cos)
-        torch.cuda.empty_cache()
+from bench_decode import g1  # noqa: E402  (this folder: G1 and G1-compile)
+from gates import configure, fresh_compile, gate_optimizer, gate_train  # noqa: E402  (this folder)
+from workloads import COURSE, PASS_TOKENS, log, random_window, sync_time, t3_windows  # noqa: E402  (this folder)
 
 
 def train_speed(model, line, g, *, batch, seq, accum, steps, pass_tokens=0, graphs=None, windows=None):
@@ -214,21 +75,6 @@ def train_speed(model, line, g, *, batch, seq, accum, steps, pass_tokens=0, grap
         warmup_s=round(first_s, 1))
     opt = None  # before empty_cache: the closure holds it too
     torch.cuda.empty_cache()
-
-
-def t3_windows(tok, records, accum, smax=128, tmax=128):
-    """The seed's flags on train.json: alpaca prompt, source/target cut at 128, group_by_length at batch 1
-    (mega-batches of 50 records, longest first, as the peer orders them), micro-batch 1 x accumulation 16."""
-    ex = []
-    for r in records:
-        s = tok.encode(ALPACA.format(r["instruction"]), bos=True)[:smax]
-        t = (tok.encode(r["output"]) + [tok.eos_id])[:tmax]
-        ex.append((s + t, [IGNORE_INDEX] * len(s) + t))
-    order = []
-    for i in range(0, len(ex), 50):
-        order += sorted(range(i, min(i + 50, len(ex))), key=lambda j: -len(ex[j][0]))
-    wins = [[batch_of([ex[j]]) for j in order[k:k + accum]] for k in range(0, len(order) - len(order) % accum, accum)]
-    return [wins[0]] + wins  # the first again as the warm-up
 
 
 @torch.inference_mode()
