@@ -106,13 +106,15 @@ PROMPT_TEMPLATE_HELP = ("course, alpaca, input-output, chat (the model folder's 
 
 def inference_prompt(asked: str, m: ModelArgs):
     """ppl.py's and predict.py's --prompt_template: the prompt to use (`adapter`: the one the --peft_path adapter
-    recorded; `chat`: the model folder's template); a differing recorded one is warned about on stderr."""
+    recorded; `chat`: the model folder's template); a differing recorded one is warned about on stderr (by
+    process 0 alone under torchrun)."""
     import sys
 
     from .adapter import choose_prompt
     from .chat import prompt_for
+    from .distributed import is_main
     template, warning = choose_prompt(asked, m.peft_path)
-    if warning:
+    if warning and is_main():
         print(warning, file=sys.stderr)
     try:
         return prompt_for(template, m.base_model_path)

@@ -27,6 +27,8 @@ No paper section; checked in tests/test_distributed.py (2 gloo processes against
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import signal
 from dataclasses import dataclass
@@ -90,7 +92,13 @@ def current() -> World:
 
 
 def is_main() -> bool:
-    return current().main
+    """Process 0? Before the process group is joined (the scripts' checks), by torchrun's RANK."""
+    return current().main if dist.is_initialized() else os.environ.get("RANK", "0") == "0"
+
+
+def quiet(world: World):
+    """Process 0 speaks for all: in the other processes, what the block prints (the data audit) goes nowhere."""
+    return contextlib.nullcontext() if world.main else contextlib.redirect_stdout(io.StringIO())
 
 
 def stop(world: World):

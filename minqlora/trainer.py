@@ -71,17 +71,18 @@ def setup(a: RunArgs, progress: bool, world: distributed.World) -> Run:
     # Data: tokenised once, audited, split; the order of the examples (resumable).
     tok = Tokenizer.from_dir(m.model_name_or_path)
     data_seed = t.data_seed if t.data_seed is not None else t.seed
-    train_ex, eval_ex, eval_records, audits = training_data(a, tok, context=context, progress=progress)
+    with distributed.quiet(world):  # the audit is printed once, by process 0
+        train_ex, eval_ex, eval_records, audits = training_data(a, tok, context=context, progress=progress)
     # A step is K micro-batches on each of the W processes: the order of one process accumulating K x W.
     order = DataOrder([e.length for e in train_ex], t.per_device_train_batch_size,
                       t.gradient_accumulation_steps * world.size, seed=data_seed, group_by_length=t.group_by_length)
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * order.steps_per_epoch)
     metric_prompt = prompt_for(d.eval_prompt_template or d.prompt_template or d.dataset_format, m.model_name_or_path)
 
-    # Model: 4-bit base, LoRA on the targets, everything else frozen.
+    # Model: 4-bit base, LoRA on the targets, everything else frozen (process 0 prints the counts).
     model = load_model(m.model_name_or_path, bits=t.bits, quant_type=t.quant_type, double_quant=t.double_quant,
                        dtype=dtype, device=device, progress=progress)
-    apply_lora(model, r=t.lora_r, alpha=t.lora_alpha, dropout=t.lora_dropout, targets=targets)  # + freeze_base
+    apply_lora(model, r=t.lora_r, alpha=t.lora_alpha, dropout=t.lora_dropout, targets=targets, verbose=world.main)
     if t.lora_in_compute_dtype and dtype != torch.float32:  # the low-rank matmuls in bf16/fp16, weights fp32
         set_compute_dtype(model, dtype)
         say(f"LoRA matmuls of training passes in {str(dtype)[6:]}; weights, optimizer and evaluation in float32")
@@ -100,8 +101,7 @@ def setup(a: RunArgs, progress: bool, world: distributed.World) -> Run:
     say(describe_schedule(t.lr_scheduler_type, warmup, t.warmup_ratio, t.warmup_steps))
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     lora = dict(r=t.lora_r, alpha=t.lora_alpha, dropout=t.lora_dropout, targets=targets,
-                base_model_name_or_path=m.model_name_or_path,
-                prompt_template=d.prompt_template or d.dataset_format)
+                base_model_name_or_path=m.model_name_or_path, prompt_template=d.prompt_template or d.dataset_format)
     schedule = {"type": t.lr_scheduler_type, "total_steps": total_steps, "warmup_steps": warmup}
     run = Run(args=a, out=out, device=device, model=model, tok=tok, params=params, lora=lora, opt=opt, sched=sched,
               scaler=scaler, schedule=schedule, order=order, train_ex=train_ex, eval_ex=eval_ex,

@@ -74,6 +74,8 @@ def test_two_processes_equal_one_with_twice_the_accumulation(tmp_path, normaliza
         assert e1 == pytest.approx(e2, rel=1e-5)
     start = next(r for r in log2 if r.get("event") == "start")
     assert start["processes"] == 2 and "2 processes, 1 micro-batches each: 2 a step" in out
+    for said_once in ("data audit (train)", "trainable params:", "training passes:"):  # process 0 speaks for all
+        assert out.count(said_once) == 1, said_once
     assert sorted(p.name for p in two.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2",
                                                                                        "checkpoint-4"]
 

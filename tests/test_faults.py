@@ -257,3 +257,18 @@ def test_prompt_template_recorded_and_chosen(tmp_path):
     assert choose_prompt("course", None) == ("course", None)
     with pytest.raises(BadInput, match="--prompt_template adapter: no --peft_path"):
         choose_prompt("adapter", None)
+
+
+def test_the_prompt_warning_is_printed_by_process_0_alone(tmp_path, capsys, monkeypatch):
+    """ppl.py and predict.py choose the prompt before joining torchrun's group: RANK says who warns."""
+    from minqlora.cli import ModelArgs, inference_prompt
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "minqlora.json").write_text('{"prompt_template": "alpaca"}')
+    m = ModelArgs(base_model_path=str(TINY), peft_path=str(tmp_path / "a"))
+    for rank, warned in ((None, True), ("0", True), ("1", False)):
+        if rank is None:
+            monkeypatch.delenv("RANK", raising=False)
+        else:
+            monkeypatch.setenv("RANK", rank)
+        assert inference_prompt("course", m).name == "course"
+        assert ("was trained with the alpaca prompt" in capsys.readouterr().err) == warned, rank
