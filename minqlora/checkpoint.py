@@ -21,19 +21,18 @@ import contextlib
 import dataclasses
 import io
 import json
-import random
 import re
 import shutil
 import signal
 import threading
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .adapter import CONFIG_NAME, INFO_NAME, SAFETENSORS_NAME, load_adapter, save_adapter
 from .atomic import atomic_dir, atomic_file
 from .optim import fast_forward, schedule_change
+from .runstate import set_rng_state
 from .errors import BadInput
 
 PREFIX = "checkpoint-"
@@ -54,10 +53,21 @@ ORDER_FLAGS = ("dataset", "dataset_format", "prompt_template", "source_max_len",
 LAYOUT_FLAGS = ("lora_r", "lora_alpha", "lora_modules")
 
 
-def flag_changes(saved_args: dict, now: dict, where) -> list[str]:
-    """Warnings for the ORDER_FLAGS whose value differs between a checkpoint's run and this one."""
-    return [f"warning: --{k} was {saved_args[k]!r} in {where}, now {now[k]!r}: the continuation differs from "
-            "an uninterrupted run" for k in ORDER_FLAGS if k in saved_args and saved_args[k] != now[k]]
+def flag_changes(saved: dict, now: dict, world_size: int, where) -> list[str]:
+    """Warnings for the ORDER_FLAGS whose value differs between a checkpoint's run (`saved`: its state) and
+    this one, and for another number of processes. A step is accumulation x processes micro-batches, in one
+    order: the same product (2 processes x 8 resumed by 1 x 16) continues as the run would have."""
+    was, w0, w1 = saved.get("args", {}), saved.get("processes", 1), world_size
+    a0, a1 = was.get("gradient_accumulation_steps", now["gradient_accumulation_steps"]), now["gradient_accumulation_steps"]
+    same = a0 * w0 == a1 * w1  # the step's micro-batches, hence the data order
+    out = [f"warning: --{k} was {was[k]!r} in {where}, now {now[k]!r}: the continuation differs from an "
+           "uninterrupted run" for k in ORDER_FLAGS if k in was and was[k] != now[k]
+           and not (same and k == "gradient_accumulation_steps")]
+    if w0 != w1:
+        out.append(f"{'note' if same else 'warning'}: {where} was trained with {w0} process(es) x accumulation {a0}, "
+                   f"this run has {w1} x {a1}: " + ("the same micro-batches a step, in the same order" if same else
+                   f"{a1 * w1} micro-batches a step instead of {a0 * w0}; the data position is kept"))
+    return out
 
 
 @contextlib.contextmanager
@@ -147,34 +157,6 @@ def prepare_output_dir(output_dir, *, overwrite: bool, resuming: bool, resume_fr
     return found
 
 
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    version, keys, gauss = random.getstate()
-    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state = {"python": [version, list(keys), gauss],
-             "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                       "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict):
-    version, keys, gauss = state["python"]
-    random.setstate((version, tuple(keys), gauss))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save_training_checkpoint(output_dir, step: int, model, *, lora: dict, optimizer, scheduler, scaler,
                              rng: dict, state: dict) -> Path:
     """Write OUTPUT_DIR/checkpoint-{step} atomically. `lora` = save_adapter's keyword arguments;
@@ -249,12 +231,8 @@ def resume_run(run, resume: Path, hyper: dict, say):
                 "order differs from an uninterrupted run")
 
     saved, rng = load_training_checkpoint(resume, run.model, optimizer=run.opt, scaler=run.scaler, check=check)
-    for warning in flag_changes(saved.get("args", {}), run.args.to_dict(), resume):
+    for warning in flag_changes(saved, run.args.to_dict(), run.world.size, resume):
         say(warning)
-    was = saved.get("processes", 1)
-    if was != run.world.size:
-        say(f"warning: {resume} was trained with {was} process(es), this run has {run.world.size}: the data "
-            f"position is kept, the effective batch is now {run.world.size}/{was} of what it was")
     names = [f.name for f in dataclasses.fields(run.state)]
     run.state = st = type(run.state)(**{k: saved[k] for k in names if k in saved})
     for group in run.opt.param_groups:

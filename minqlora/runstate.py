@@ -1,14 +1,17 @@
 """The state of a training run, as trainer.py passes it around: `RunState` (where the run is: what every
-checkpoint's trainer_state.json saves and a resume restores) and `Run` (everything trainer.setup builds and
-the step, evaluation and checkpoints share). No paper section; exercised by tests/test_train.py and
+checkpoint's trainer_state.json saves and a resume restores), the random generators' states (`rng_state`,
+saved in trainer_state.pt) and `Run` (everything trainer.setup builds and the step, evaluation and
+checkpoints share). No paper section; exercised by tests/test_train.py and
 tests/test_checkpoint.py (exact resume).
 """
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import accumulate, distributed
@@ -43,6 +46,34 @@ class RunState:
     acc_tokens: int = 0
     acc_time: float = 0.0
     elapsed: float = 0.0  # seconds, the runs this one continues included
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    version, keys, gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {"python": [version, list(keys), gauss],
+             "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                       "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @dataclass

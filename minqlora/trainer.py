@@ -39,7 +39,7 @@ from .lora import apply_lora, computing_in, set_compute_dtype
 from .loss import causal_lm_loss
 from .optim import build_optimizer, build_scheduler, describe_schedule, quiet_cpu_paging, warmup_steps_for
 from .perplexity import eval_nll, mean_perplexity, perplexities
-from .runstate import NoLog, Run, RunState
+from .runstate import NoLog, Run, RunState, rng_state, seed_everything
 from .tokenizer import Tokenizer
 from .train_args import RunArgs, dtype_name, lora_targets, training_data
 
@@ -59,7 +59,7 @@ def setup(a: RunArgs, progress: bool, world: distributed.World) -> Run:
     context = LlamaConfig.from_json(m.model_name_or_path).max_position_embeddings  # cheap checks of the
     weight_files(Path(m.model_name_or_path))  # model folder before the data work
     ckpt.check_output_dir(out, overwrite=t.overwrite_output_dir, resuming=resume is not None, resume_from=resume)
-    ckpt.seed_everything(t.seed)
+    seed_everything(t.seed)
     pass_tokens, use_graphs, fast = accumulate.choose(t.pass_tokens, t.cuda_graphs, device)
     use_compile, compile_words = compiled.choose(t.torch_compile, t.cuda_graphs, device)
     if device.type == "cuda":
@@ -211,7 +211,7 @@ def train_step(run: Run) -> tuple[float, float, float, int]:
         tokens = sum(int(b["attention_mask"].sum()) for b in window)
         st.step, st.acc_loss, st.acc_steps = st.step + 1, st.acc_loss + loss, st.acc_steps + 1
         st.acc_tokens, st.acc_time = st.acc_tokens + tokens, st.acc_time + time.perf_counter() - t0
-        run.step_rng = ckpt.rng_state()
+        run.step_rng = rng_state()
     return loss, norm, lr, tokens
 
 
@@ -280,7 +280,7 @@ def train(a: RunArgs, *, progress: bool = True, world: distributed.World = distr
         raise TrainingError(MEMORY_HINT) from None
     t, st, out = a.train, run.state, run.out
     # the RNG a checkpoint of this step restores; why the loop ends unless something stops it earlier
-    run.step_rng, stop = ckpt.rng_state(), "max_steps" if t.max_steps > 0 else "num_train_epochs"
+    run.step_rng, stop = rng_state(), "max_steps" if t.max_steps > 0 else "num_train_epochs"
     bar = tqdm(total=run.total_steps, initial=st.step, desc="training", unit="step", disable=not progress,
                dynamic_ncols=True)
     try:

@@ -14,6 +14,7 @@ from _fixtures_train import fast_args, load_script, needs_tiny, read_log, train_
 from minqlora.curves import RunLog, write_curves
 from minqlora.curves import read_log as read_curves_log
 from minqlora.optim import cosine
+from minqlora.runstate import rng_state, set_rng_state
 
 
 def _resume_args(tmp_path, out, max_steps, **kw):
@@ -265,7 +266,7 @@ def test_a_failed_checkpoint_write_leaves_nothing_half_written(tmp_path, monkeyp
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     lora = dict(r=2, alpha=4, dropout=0.0, targets="all", base_model_name_or_path="x")
-    kw = dict(lora=lora, optimizer=opt, scheduler=sched, scaler=None, rng=ckpt.rng_state(), state={"epoch": 0})
+    kw = dict(lora=lora, optimizer=opt, scheduler=sched, scaler=None, rng=rng_state(), state={"epoch": 0})
     good = ckpt.save_training_checkpoint(tmp_path, 1, model, **kw)
 
     def die(*a, **k):
@@ -282,10 +283,10 @@ def test_a_failed_checkpoint_write_leaves_nothing_half_written(tmp_path, monkeyp
 
 
 def test_rng_state_round_trip():
-    state = ckpt.rng_state()
+    state = rng_state()
     first = (random.random(), np.random.rand(), torch.rand(3))
     torch.save(state, "/dev/null")  # it must be saveable
-    ckpt.set_rng_state(state)
+    set_rng_state(state)
     again = (random.random(), np.random.rand(), torch.rand(3))
     assert first[0] == again[0] and first[1] == again[1] and torch.equal(first[2], again[2])
 

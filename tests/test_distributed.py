@@ -93,6 +93,30 @@ def test_resume_under_two_processes_continues_exactly(tmp_path):
     assert_same_adapter(straight, resumed, atol=0)
 
 
+def test_one_process_resumes_two_with_the_same_micro_batches_a_step(tmp_path, capsys):
+    """2 processes x accumulation 1 continued by 1 x 2: the same step, the same data order, so the adapter of
+    the uninterrupted 2-process run (as in the first test, to 1e-6); 1 x 1 is warned about."""
+    data = write_records(tmp_path / "d.json", 20)
+    straight, one, fewer = tmp_path / "straight", tmp_path / "one", tmp_path / "fewer"
+    rc, out = torchrun(ROOT / "scripts/train.py", fast_args(straight, data, gradient_accumulation_steps=1, **ARGS))
+    assert rc == 0, out
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process (OMP_NUM_THREADS=1): the same kernels' sums
+    try:
+        for folder, accum in ((one, 2), (fewer, 1)):
+            assert train_main([*fast_args(folder, data, gradient_accumulation_steps=accum, **ARGS),
+                               "--resume_from_checkpoint", straight / "checkpoint-2"]) == 0
+            said = capsys.readouterr().out
+            if accum == 2:
+                assert "2 process(es) x accumulation 1, this run has 1 x 2: the same micro-batches a step" in said
+                assert "warning" not in said, said
+            else:
+                assert "warning: " in said and "1 micro-batches a step instead of 2" in said, said
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_adapter(straight, one, atol=1e-6)
+
+
 def test_a_failing_process_stops_the_run_non_zero(tmp_path):
     data = write_records(tmp_path / "d.json", 20)
     out_dir = tmp_path / "out"
