@@ -57,8 +57,9 @@ def flag_changes(saved: dict, now: dict, world_size: int, where) -> list[str]:
     """Warnings for the ORDER_FLAGS whose value differs between a checkpoint's run (`saved`: its state) and
     this one, and for another number of processes. A step is accumulation x processes micro-batches, in one
     order: the same product (2 processes x 8 resumed by 1 x 16) continues as the run would have."""
-    was, w0, w1 = saved.get("args", {}), saved.get("processes", 1), world_size
-    a0, a1 = was.get("gradient_accumulation_steps", now["gradient_accumulation_steps"]), now["gradient_accumulation_steps"]
+    was, w0, w1 = saved.get("args", {}), saved.get("processes", 1), world_size  # flags, processes: then, now
+    a1 = now["gradient_accumulation_steps"]
+    a0 = was.get("gradient_accumulation_steps", a1)
     same = a0 * w0 == a1 * w1  # the step's micro-batches, hence the data order
     out = [f"warning: --{k} was {was[k]!r} in {where}, now {now[k]!r}: the continuation differs from an "
            "uninterrupted run" for k in ORDER_FLAGS if k in was and was[k] != now[k]
