@@ -17,7 +17,7 @@ graphed (CUDA) one pass per micro-batch as in the plain path, each pass's forwar
         from CUDA graphs captured once per padded shape (GraphedLoss): one launch instead of thousands.
 Padding is on the right and labelled -100 (collate), so a row's tokens see exactly what they saw in
 their own micro-batch. Checked against the plain path in tests/test_accumulate.py (packed, on the CPU) and
-by the benchmark's gate (graphed, on a GPU: bench/bench_qlora.py).
+by the benchmark's gate (graphed, on a GPU: T1-strict in bench/gates.py). No paper section.
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def scored_loss(model, ids, labels, w) -> torch.Tensor:
     logits = model.lm_head(h).float()  # (N, V)
     targets = labels[:, 1:].flatten()[pos].to(device)  # (N,)
     nll = F.cross_entropy(logits, targets, reduction="none")  # (N,)
-    return (nll * w.flatten()[pos].to(device)).sum()
+    return (nll * w.flatten()[pos].to(device)).sum()  # w: (B, T-1) -> (N,) at the scored positions
 
 
 class _Loss(nn.Module):

@@ -12,7 +12,7 @@ themselves (as qlora.py and the course's ppl.py do), so a rendered text that sta
 string (Llama-2's "<s>[INST]", SmolLM2's "<|im_start|>system") loses that one leading string here; the ids
 are then those of the rendered text (with a byte-level BPE such as SmolLM2's, exactly; with a Llama-2
 SentencePiece tokenizer the first piece after BOS gets its "▁" prefix, as in the course's ppl.py, where
-apply_chat_template's own tokenization has none). Checked in tests/test_chat.py against transformers.
+apply_chat_template's own tokenization has none). Checked in tests/test_chat.py against transformers. No paper section.
 """
 from __future__ import annotations
 

@@ -161,7 +161,7 @@ def prepare_output_dir(output_dir, *, overwrite: bool, resuming: bool, resume_fr
 def save_training_checkpoint(output_dir, step: int, model, *, lora: dict, optimizer, scheduler, scaler,
                              rng: dict, state: dict) -> Path:
     """Write OUTPUT_DIR/checkpoint-{step} atomically. `lora` = save_adapter's keyword arguments;
-    `rng` a rng_state() taken when `state` (a JSON-able dict) was true."""
+    `rng` a runstate.rng_state() taken when `state` (a JSON-able dict) was true."""
     dest = Path(output_dir) / f"{PREFIX}{step}"
     with atomic_dir(dest) as tmp:
         save_adapter(model, tmp, **lora)

@@ -20,7 +20,8 @@ compiled: the two do not combine here.
 
 Checked: tests/test_compiled.py (CPU, fp32, 4-bit + LoRA, checkpointing): the loss and LoRA gradients of a
 compiled pass equal the eager pass's; with dropout, a checkpointed compiled pass gives the gradient of the
-masks its forward drew. On a GPU: bench_qlora.py's fp32 gate (T2-compile against the plain path).
+masks its forward drew. On a GPU: the benchmark's fp32 gate (bench/gates.py, T1-compile against the
+plain path). No paper section.
 """
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ fixed buffers: a new batch is copied into the input buffer, the graph replayed, 
 `capture(fn)` is the recipe (warm-up on a side stream, then capture); generate.Decoder uses it for the
 decode step, `GraphedForward` for whole-sequence forwards (perplexity). Training's graphs (forward and
 backward) are accumulate.GraphedLoss. Each is checked against the eager path: on the CPU where the shapes
-logic can run (tests/test_generate.py), on the GPU by the benchmark's gate (bench/bench_qlora.py).
+logic can run (tests/test_generate.py), on the GPU by the benchmark's gates (E1: bench/bench_qlora.py;
+G1: bench/bench_decode.py). No paper section.
 """
 from __future__ import annotations
 

@@ -99,7 +99,7 @@ _PLACEHOLDER = re.compile(r"\{(instruction|input)\}")
 
 
 class Prompt:
-    """`Prompt(name_or_file)(record) -> str`, and the record fields it needs. alpaca: qlora.py's
+    """`Prompt(template)(record) -> str`, and the record fields it needs. alpaca: qlora.py's
     ALPACA_PROMPT_DICT; input-output: the record's `input` verbatim; course: the seed task's chat
     prompt (course.py); a file: its text with one `{instruction}` placeholder."""
 

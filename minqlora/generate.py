@@ -10,6 +10,7 @@ Logit processing follows transformers' `generate`, in its order: repetition pena
 
 Context: a prompt must leave room for one new token (prompt length < max_position_embeddings), or
 PromptTooLongError names it; `max_new_tokens` is clamped per row so prompt + new <= the context.
+No paper section.
 """
 from __future__ import annotations
 

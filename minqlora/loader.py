@@ -139,13 +139,13 @@ def read_safetensors(path: Path, staging: Staging | None = None):
             if staging is not None:
                 buf = staging.take(end - start)
                 f.readinto(buf.numpy())
-                yield name, buf.view(dtype).reshape(info["shape"])
+                yield name, buf.view(dtype).reshape(info["shape"])  # flat bytes -> the checkpoint's shape
                 continue
             # An anonymous mapping of its own per tensor, returned to the OS when the tensor is freed;
             # malloc'd buffers would leave the heap fragmented, holding the freed 16-bit bytes.
             buf = mmap.mmap(-1, end - start, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
             f.readinto(buf)
-            yield name, torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+            yield name, torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])  # flat -> the checkpoint's shape
 
 
 def read_tensors(path: Path, staging: Staging | None = None):

@@ -16,9 +16,9 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor):
     """Per-token negative log-likelihood (B, T-1) and the mask of scored tokens (B, T-1)."""
     logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
     targets = labels[:, 1:]  # (B, T-1)
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),  # (B*(T-1), V), (B*(T-1),)
                           ignore_index=IGNORE_INDEX, reduction="none")  # (B*(T-1),)
-    return nll.view(targets.shape), targets != IGNORE_INDEX
+    return nll.view(targets.shape), targets != IGNORE_INDEX  # (B, T-1) each
 
 
 def causal_lm_loss(logits, labels, reduction: str = "mean"):

@@ -74,7 +74,7 @@ class FlatPagedAdamW(torch.optim.Optimizer):
         self.flat = torch.empty(n, dtype=torch.float32, device=device)  # (n,): every parameter, in order
         with torch.no_grad():
             for p, sl in zip(params, self.slices):
-                self.flat[sl].copy_(p.reshape(-1))
+                self.flat[sl].copy_(p.reshape(-1))  # (numel,)
                 p.data = self.flat[sl].view_as(p)  # the update below writes the parameter in place
         self.paged = device.type == "cuda"
         self.moments = (self._buffer(n, device), self._buffer(n, device))  # Adam's m and v, (n,) each
@@ -150,7 +150,7 @@ class FlatPagedAdamW(torch.optim.Optimizer):
                     if st[key].shape != p.shape:
                         raise ValueError(f"paged_adamw_32bit: a saved moment has shape {tuple(st[key].shape)}, "
                                          f"its parameter {tuple(p.shape)}")
-                    buf[sl].copy_(st[key].reshape(-1))
+                    buf[sl].copy_(st[key].reshape(-1))  # (numel,)
         self._point_state()
 
 
