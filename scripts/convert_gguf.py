@@ -6,6 +6,7 @@ Writes config.json, model.safetensors (the file's dequantized values in 16 bits)
 tokenizer.json and tokenizer_config.json (special tokens, chat template). See minqlora/from_gguf.py.
 Bad input (not GGUF, another architecture, a tensor type it cannot read) exits 2 naming the file;
 the folder is written under a temporary name and renamed, so it is never half-written.
+Checked in tests/test_gguf.py. No paper section.
 """
 import argparse
 import sys

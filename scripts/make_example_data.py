@@ -5,6 +5,7 @@ and the same kinds of instruction templates, but every sentence is composed here
 hand-written glossary, so the project can ship it. Fixed seed: re-running rewrites identical files.
 
     python scripts/make_example_data.py            # -> data/example/{train,eval,test,predict}.json
+The committed data/example/ is its output (the tests read it). No paper section.
 """
 import argparse
 import json

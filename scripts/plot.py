@@ -4,6 +4,7 @@
     python scripts/plot.py output/run1/log.jsonl -o run1.png --csv run1.csv
 
 Each run is labelled with its log's folder name unless --labels is given.
+Checked in tests/test_checkpoint.py. No paper section.
 """
 import argparse
 import sys

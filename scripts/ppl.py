@@ -6,6 +6,7 @@
 Prints `Mean perplexity: X` (and, with several few-shot draws, each draw's mean and their std). Flags ->
 load -> run -> write; the metric is minqlora/perplexity.py, the course's protocol and few-shot draws
 minqlora/course.py. Exit status 2 for bad input, found before the model loads and before any file is written.
+Checked in tests/test_infer_scripts.py and tests/test_perplexity.py. No paper section.
 """
 import csv
 import io

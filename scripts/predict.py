@@ -6,6 +6,7 @@
 Greedy by default, prompted with the same template as ppl.py. Flags -> load -> run -> write; the
 generation loop is minqlora/generate.py. Exit status 2 for bad input, found before the model loads;
 the output file is replaced only when every record has its output.
+Checked in tests/test_infer_scripts.py. No paper section.
 """
 import json
 import sys

@@ -10,6 +10,8 @@ Exit status: 0 done; 2 bad input (flags, data, model folder, output_dir, checkpo
 first step, nothing written; 1 training failed once started (loss or weights NaN/inf, out of memory, or
 any error during the loop, e.g. a full disk: the trainer reports it as a TrainingError), earlier
 checkpoints kept; 130 interrupted (Ctrl-C), after saving a checkpoint to resume from (minqlora/errors.py).
+Checked in tests/test_train.py (gradients against transformers + peft), tests/test_checkpoint.py and
+tests/test_distributed.py. QLoRA §3-4 (minqlora/trainer.py).
 """
 import sys
 from pathlib import Path
