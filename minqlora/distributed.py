@@ -92,8 +92,11 @@ def current() -> World:
 
 
 def is_main() -> bool:
-    """Process 0? Before the process group is joined (the scripts' checks), by torchrun's RANK."""
-    return current().main if dist.is_initialized() else os.environ.get("RANK", "0") == "0"
+    """Process 0? Before the process group is joined (the scripts' checks), by torchrun's environment, as `start`
+    reads it: one process without WORLD_SIZE > 1."""
+    if dist.is_initialized():
+        return current().main
+    return int(os.environ.get("WORLD_SIZE", "1")) == 1 or os.environ.get("RANK", "0") == "0"
 
 
 def quiet(world: World):

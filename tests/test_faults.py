@@ -265,6 +265,7 @@ def test_the_prompt_warning_is_printed_by_process_0_alone(tmp_path, capsys, monk
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "minqlora.json").write_text('{"prompt_template": "alpaca"}')
     m = ModelArgs(base_model_path=str(TINY), peft_path=str(tmp_path / "a"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
     for rank, warned in ((None, True), ("0", True), ("1", False)):
         if rank is None:
             monkeypatch.delenv("RANK", raising=False)
@@ -272,3 +273,6 @@ def test_the_prompt_warning_is_printed_by_process_0_alone(tmp_path, capsys, monk
             monkeypatch.setenv("RANK", rank)
         assert inference_prompt("course", m).name == "course"
         assert ("was trained with the alpaca prompt" in capsys.readouterr().err) == warned, rank
+    monkeypatch.setenv("WORLD_SIZE", "1")  # RANK without a group of several processes: the only one speaks
+    inference_prompt("course", m)
+    assert "was trained with the alpaca prompt" in capsys.readouterr().err
