@@ -51,10 +51,15 @@ class World:
         return self.rank == 0
 
 
+def launched_size() -> int:
+    """How many processes torchrun started (WORLD_SIZE), 1 without torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def start(device: str = "auto") -> World:
     """Join torchrun's process group (a no-op for a single process). `device` is the --device flag: under
     torchrun a GPU process uses cuda:LOCAL_RANK, so cuda:N is refused."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    size = launched_size()
     if size == 1:
         return World()
     if dist.is_initialized():
@@ -73,7 +78,7 @@ def start(device: str = "auto") -> World:
 
 def one_process_only(program: str):
     """Refuse to run `program` (which writes one output, e.g. merge.py) as several torchrun processes."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    size = launched_size()
     if size > 1:
         raise BadInput(f"{program} runs in one process, not {size}: start it with python, not torchrun "
                        "(its processes would all write the same output)")
@@ -93,10 +98,10 @@ def current() -> World:
 
 def is_main() -> bool:
     """Process 0? Before the process group is joined (the scripts' checks), by torchrun's environment, as `start`
-    reads it: one process without WORLD_SIZE > 1."""
+    reads it: one process unless launched_size() > 1."""
     if dist.is_initialized():
         return current().main
-    return int(os.environ.get("WORLD_SIZE", "1")) == 1 or os.environ.get("RANK", "0") == "0"
+    return launched_size() == 1 or os.environ.get("RANK", "0") == "0"
 
 
 def quiet(world: World):

@@ -2,6 +2,7 @@
 steps on 2 processes equals the adapter after K steps on 1 with twice the accumulation (the same global
 batch); checkpoint and resume under 2 processes continue exactly; a process that fails makes the whole
 run exit non-zero; ppl.py and predict.py give the one-process numbers and outputs, in record order."""
+import contextlib
 import json
 import os
 import signal
@@ -28,6 +29,17 @@ def torchrun(script, argv, n=2, timeout=240):
     return p.returncode, p.stdout + p.stderr
 
 
+@contextlib.contextmanager
+def one_thread():
+    """An in-process run with one thread, as each torchrun process (OMP_NUM_THREADS=1): the same kernels' sums."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def adapter(folder):
     return load_file(folder / "adapter_model.safetensors")
 
@@ -52,12 +64,8 @@ def test_two_processes_equal_one_with_twice_the_accumulation(tmp_path, normaliza
     data = write_records(tmp_path / "d.json", 20)
     one, two = tmp_path / "one", tmp_path / "two"
     flags = dict(ARGS, loss_normalization=normalization, pass_tokens=pass_tokens, torch_compile=compile_layers)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each torchrun process (OMP_NUM_THREADS=1): the same kernels' sums
-    try:
+    with one_thread():
         assert train_main(fast_args(one, data, gradient_accumulation_steps=2, **flags)) == 0
-    finally:
-        torch.set_num_threads(threads)
     rc, out = torchrun(ROOT / "scripts/train.py", fast_args(two, data, gradient_accumulation_steps=1, **flags))
     assert rc == 0, out
     assert ("passes of at most 64 tokens" in out) == (pass_tokens == 64)
@@ -100,9 +108,7 @@ def test_one_process_resumes_two_with_the_same_micro_batches_a_step(tmp_path, ca
     straight, one, fewer = tmp_path / "straight", tmp_path / "one", tmp_path / "fewer"
     rc, out = torchrun(ROOT / "scripts/train.py", fast_args(straight, data, gradient_accumulation_steps=1, **ARGS))
     assert rc == 0, out
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each torchrun process (OMP_NUM_THREADS=1): the same kernels' sums
-    try:
+    with one_thread():
         for folder, accum in ((one, 2), (fewer, 1)):
             assert train_main([*fast_args(folder, data, gradient_accumulation_steps=accum, **ARGS),
                                "--resume_from_checkpoint", straight / "checkpoint-2"]) == 0
@@ -112,8 +118,6 @@ def test_one_process_resumes_two_with_the_same_micro_batches_a_step(tmp_path, ca
                 assert "warning" not in said, said
             else:
                 assert "warning: " in said and "1 micro-batches a step instead of 2" in said, said
-    finally:
-        torch.set_num_threads(threads)
     assert_same_adapter(straight, one, atol=1e-6)
 
 
