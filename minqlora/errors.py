@@ -11,7 +11,8 @@
 Every message names the file, record, key or flag. Modules this package does not own the errors of
 (lora.py, generate.py, torch) raise ValueError for bad input, so a command treats every ValueError
 (and FileNotFoundError) as bad input. No paper section: the commands' plumbing. Checked by the exit
-status tests in tests/test_train.py, tests/test_inputs.py and tests/test_infer_scripts.py.
+status tests in tests/test_train.py, tests/test_train_faults.py, tests/test_inputs.py and
+tests/test_infer_scripts.py.
 """
 from __future__ import annotations
 

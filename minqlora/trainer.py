@@ -12,8 +12,8 @@ K is the number of micro-batches in the step: gradient_accumulation_steps, excep
 epoch where fewer may remain. bf16/fp16 training sets the model's dtype (no autocast); the LoRA
 weights (and their matmuls, unless --lora_in_compute_dtype) and the optimizer state stay fp32, and fp16
 adds a gradient scaler; a step the scaler skips (inf/NaN gradients) does not advance the LR schedule, as in
-transformers' Trainer. No checkpoint holds non-finite LoRA weights. Checked (gradients against
-transformers + peft, exact resume) in tests/test_train.py and tests/test_checkpoint.py."""
+transformers' Trainer. No checkpoint holds non-finite LoRA weights. Checked in tests/test_train.py (gradients
+against transformers + peft), test_checkpoint.py (exact resume) and test_train_faults.py (faults, skipped steps)."""
 from __future__ import annotations
 
 import contextlib
