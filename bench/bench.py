@@ -112,15 +112,18 @@ def several_gpus(py, w, args, shared, out):
     gate = next((r for r in runs[w][0] if r.get("event") == "gate"), None)
     rows = [f"| line | 1 GPU | {w} GPUs | speed-up | runs, 1 GPU | runs, {w} GPUs | peak GiB a GPU (1 / {w}) |",
             "|---|---|---|---|---|---|---|"]
-    for line in ("T2", "T3"):
-        found = {n: [next((r for r in rs if r.get("event") == "train" and r.get("deal") != "tokens"
-                               and r["line"].split("-")[0].split("+")[0] == line),
-                          None) for rs in runs[n]] for n in (1, w)}
+    def train(rs, line, deal):  # a run's figure for the line, its W processes' share dealt this way
+        return next((r for r in rs if r.get("event") == "train" and r.get("deal") == deal
+                     and r["line"].split("-")[0].split("+")[0] == line), None)
+
+    # --compare_deal's row: T3 on W processes dealt by token count, against the same 1-process runs
+    for line, deal, name in (("T2", "packed", ""), ("T3", "packed", ""), ("T3", "tokens", ", dealt by tokens")):
+        found = {n: [train(rs, line, "packed" if n == 1 else deal) for rs in runs[n]] for n in (1, w)}
         if all(found[1]) and all(found[w]):
             speed = {n: [r["tokens_per_s"] for r in found[n]] for n in (1, w)}
             mean = {n: sum(v) / len(v) for n, v in speed.items()}
             ratio = "FAIL" if not (gate and gate["ok"]) else f"{mean[w] / mean[1]:.2f}x"
-            rows.append(f"| {found[1][0]['line']} (tokens/s) | {mean[1]:.1f} | {mean[w]:.1f} | {ratio} | "
+            rows.append(f"| {found[1][0]['line']}{name} (tokens/s) | {mean[1]:.1f} | {mean[w]:.1f} | {ratio} | "
                         f"{', '.join(map(str, speed[1]))} | {', '.join(map(str, speed[w]))} | "
                         f"{found[1][0]['peak_gib']} / {found[w][0]['peak_gib']} |")
     return "\n".join(rows), {"gate": gate, "runs": runs}
