@@ -10,15 +10,19 @@ which is what `peft.PeftModel.save_pretrained` writes and `from_pretrained`
 reads; checked both ways against peft 0.21 in tests/test_adapter.py.
 
 Loading is strict: any key that has no LoRA module, any module without its
-tensors, any shape or rank mismatch, and any peft option this code does not
-implement (DoRA, rsLoRA, biases, modules_to_save, per-layer ranks, ...) is
-refused with an BadInput naming the file and the key, before the model
-is modified.
+tensors, any shape or rank mismatch, a field of the wrong type, any peft
+option this code does not implement (DoRA, rsLoRA, biases, modules_to_save,
+per-layer ranks, ...) and any init that makes peft rebuild the base (PiSSA,
+OLoRA, LoftQ, ...) is refused with a BadInput naming the file and the key,
+before the model is modified. As in peft, a listed target that matches no
+module is passed over (one must match), and the lm_head weight peft saves
+beside a targeted lm_head's LoRA is checked against the base's.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -38,13 +42,20 @@ INFO_NAME = "minqlora.json"  # beside peft's files (which peft ignores): {"promp
 PREFIX = "base_model.model."
 # <module>.lora_A.weight, or peft's in-memory <module>.lora_A.<adapter name>.weight
 KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
+# peft also saves a targeted lm_head's (or embedding's) own weight, <module>.base_layer.weight
+BASE_KEY_RE = re.compile(r"^(?P<module>.+)\.base_layer\.weight$")
 
-# Options that change the math; anything but these defaults is refused.
+# Options that change the math; anything but these defaults (None, False, {}, []) is refused.
 UNSUPPORTED_IF_SET = (
     "use_dora", "use_rslora", "use_qalora", "lora_bias", "fan_in_fan_out", "modules_to_save",
     "rank_pattern", "alpha_pattern", "layers_to_transform", "layer_replication",
     "exclude_modules", "target_parameters", "trainable_token_indices", "alora_invocation_tokens",
+    "use_bdlora", "velora_config", "monteclora_config", "arrow_config", "kasa_config",  # peft 0.22's variants
 )
+# init_lora_weights values whose adapter is added to the base as it is. The others (PiSSA, OLoRA, LoftQ, CorDA,
+# ASTRA, ...) make peft rebuild a changed base (a residual) when it loads them; added to the unchanged base, the
+# adapter would give another model, silently.
+BASE_KEEPING_INITS = (True, False, "gaussian", "orthogonal", "nora", "mica", "eva", "lora_ga")
 
 
 
@@ -163,28 +174,50 @@ def choose_prompt(asked: str, adapter_dir) -> tuple[str, str | None]:
     return asked, None
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _read_config(path: Path) -> dict:
+    """adapter_config.json, every field minqlora uses checked for its type, every option it does not implement
+    refused by name."""
     if not path.exists():
         raise BadInput(f"{path}: not found; an adapter folder needs {CONFIG_NAME}")
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise BadInput(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
+    if not isinstance(cfg, dict):
+        raise BadInput(f"{path}: holds a JSON {type(cfg).__name__}, not an object of LoraConfig fields")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise BadInput(f"{path}: peft_type={cfg['peft_type']!r}; only LORA adapters are supported")
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in cfg:
             raise BadInput(f"{path}: missing {key!r}")
+    r, alpha, dropout = cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0)
+    if not (isinstance(r, int) and not isinstance(r, bool) and r >= 1):
+        raise BadInput(f"{path}: r={r!r}; the rank must be a whole number, at least 1")
+    if not _is_number(alpha):
+        raise BadInput(f"{path}: lora_alpha={alpha!r}; must be a number")
+    if not (_is_number(dropout) and 0 <= dropout < 1):
+        raise BadInput(f"{path}: lora_dropout={dropout!r}; must be a number in [0, 1)")
     if cfg.get("bias", "none") != "none":
         raise BadInput(f"{path}: bias={cfg['bias']!r} is not supported (only 'none')")
     for key in UNSUPPORTED_IF_SET:
-        if cfg.get(key):
+        if cfg.get(key) not in (None, {}, []) and cfg.get(key) is not False:  # 0 is set (layers_to_transform)
             raise BadInput(f"{path}: {key}={cfg[key]!r} is not supported by minqlora")
+    init = cfg.get("init_lora_weights", True)
+    if not any(init is v if isinstance(v, bool) else init == v for v in BASE_KEEPING_INITS):
+        raise BadInput(f"{path}: init_lora_weights={init!r}: peft loads such an adapter onto a changed base "
+                       "(its residual), which minqlora does not rebuild; convert it to a plain LoRA first (peft's "
+                       "save_pretrained(..., path_initial_model_for_weight_conversion=...))")
     targets = cfg["target_modules"]
     if isinstance(targets, str):
         if targets != "all-linear":  # peft's "all-linear" = every linear but the output layer
             raise BadInput(f"{path}: target_modules={targets!r} is a regex; only a list or 'all-linear' is supported")
         cfg["target_modules"] = "all"
+    elif not (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
+        raise BadInput(f"{path}: target_modules={targets!r}; must be a list of module names or 'all-linear'")
     return cfg
 
 
@@ -201,6 +234,16 @@ def _read_tensors(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise BadInput(f"{path}: not a dict of tensors")
     return path, tensors
+
+
+def _check_base_weight(model: nn.Module, module: str, saved: torch.Tensor, where: str):
+    """A base weight saved beside the LoRA weights (peft's, for a targeted lm_head) must be this model's: the
+    adapter is added to the base as it is."""
+    layer = model.get_submodule(module)
+    w = getattr(layer, "base_layer", layer).weight.detach()
+    if not w.is_floating_point() or w.shape != saved.shape or not torch.equal(saved.to(w.dtype), w.cpu()):
+        raise BadInput(f"{where} is a base weight {tuple(saved.shape)} that differs from this model's "
+                       f"{module}.weight {tuple(w.shape)} (another base, or a resized vocabulary?)")
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> dict:
@@ -221,8 +264,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> dict:
                     f"{cfg_path}: r={r}, lora_alpha={alpha}, but the model's {name} has r={m.r}, scaling={m.scaling}"
                 )
     else:
-        try:
-            names = target_module_names(model, cfg["target_modules"])
+        try:  # as peft: a listed name that matches nothing here is passed over
+            names = target_module_names(model, cfg["target_modules"], each_must_match=False)
         except ValueError as e:
             raise BadInput(f"{cfg_path}: {e}") from None
     features = {n: (model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in names}
@@ -230,6 +273,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> dict:
     tensors: dict[tuple[str, str], torch.Tensor] = {}
     for key, t in raw.items():
         k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        base = BASE_KEY_RE.match(k)
+        if base and base["module"] in features:
+            _check_base_weight(model, base["module"], t, f"{path}: key {key!r}")
+            continue
         m = KEY_RE.match(k)
         if m is None:
             raise BadInput(f"{path}: unexpected key {key!r} (only lora_A / lora_B weights are supported)")
@@ -254,7 +301,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> dict:
                 raise BadInput(f"{path}: no tensor for {PREFIX}{name}.{which}.weight (module {name} is a LoRA target)")
 
     if not existing:
-        apply_lora(model, r=r, alpha=alpha, dropout=dropout, targets=cfg["target_modules"], verbose=False)
+        apply_lora(model, r=r, alpha=alpha, dropout=dropout, targets=names, verbose=False)
     with torch.no_grad():
         for (name, which), t in tensors.items():
             layer: LoRALinear = model.get_submodule(name)

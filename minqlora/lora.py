@@ -129,8 +129,10 @@ def _is_target(name: str, targets: list[str]) -> str | None:
     return None
 
 
-def target_module_names(model: nn.Module, targets: str | list[str] = "all") -> list[str]:
-    """Names of the linear modules `apply_lora` would wrap, in model order."""
+def target_module_names(model: nn.Module, targets: str | list[str] = "all", *, each_must_match: bool = True
+                        ) -> list[str]:
+    """Names of the linear modules `apply_lora` would wrap, in model order. each_must_match=False (a peft
+    adapter's list, which may name modules of other architectures, as peft allows): one match is enough."""
     if isinstance(targets, str):
         if targets != "all":
             raise ValueError(f'targets must be "all" or a list of module names, got {targets!r}')
@@ -154,9 +156,11 @@ def target_module_names(model: nn.Module, targets: str | list[str] = "all") -> l
             )
         names.append(name)
         matched.add(t)
-    for t in targets:
-        if t not in matched:
-            raise ValueError(f"LoRA target {t!r} matches no module of the model")
+    unmatched = [t for t in targets if t not in matched]
+    if unmatched and each_must_match:
+        raise ValueError(f"LoRA target {unmatched[0]!r} matches no module of the model")
+    if not names:
+        raise ValueError(f"no LoRA target of {targets} matches a module of the model")
     return names
 
 

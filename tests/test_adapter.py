@@ -1,4 +1,4 @@
-"""adapter.py against peft 0.21: adapters written here load in peft and vice versa, same logits."""
+"""adapter.py against peft (0.21 and 0.22): adapters written here load in peft and vice versa, same logits."""
 
 import json
 import os
@@ -171,13 +171,61 @@ def test_refuses_missing_tensor(tmp_path):
     ({"alpha_pattern": {"q_proj": 8}}, "alpha_pattern"),
     ({"use_rslora": True}, "use_rslora"),
     ({"target_modules": ".*proj"}, "regex"),
-    ({"target_modules": ["q_proj", "qkv_proj"]}, "'qkv_proj' matches no module"),
+    ({"target_modules": ["qkv_proj"]}, r"no LoRA target of \['qkv_proj'\] matches"),
     ({"peft_type": "IA3"}, "only LORA"),
+    ({"layers_to_transform": 0}, "layers_to_transform=0 is not supported"),  # 0 is set, though falsy
+    ({"use_bdlora": {"a": 1}}, "use_bdlora"),
+    # PiSSA, OLoRA, LoftQ: peft rebuilds a changed base when it loads these; added to ours, another model
+    ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa': peft loads such an adapter onto a changed base"),
+    ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights='pissa_niter_4'"),
+    ({"init_lora_weights": "olora"}, "init_lora_weights='olora'"),
+    ({"init_lora_weights": "loftq"}, "init_lora_weights='loftq'"),
+    ({"init_lora_weights": "corda"}, "init_lora_weights='corda'"),
+    # fields of the wrong type: one line naming the field, not a TypeError from deep inside
+    ({"r": 4.0}, r"r=4\.0; the rank must be a whole number"),
+    ({"r": True}, "r=True; the rank must be a whole number"),
+    ({"lora_alpha": "8"}, "lora_alpha='8'; must be a number"),
+    ({"lora_dropout": 1.5}, r"lora_dropout=1\.5; must be a number in \[0, 1\)"),
+    ({"target_modules": None}, "target_modules=None; must be a list of module names"),
+    ({"target_modules": ["q_proj", 3]}, r"target_modules=\['q_proj', 3\]; must be a list"),
 ])
 def test_refuses_unsupported_config(tmp_path, change, match):
     _, _, out = mq_adapter(tmp_path, targets=["q_proj"])
     edit_config(out, **change)
     assert_refused(out, match)
+
+
+def test_refuses_a_config_that_is_not_an_object(tmp_path):
+    _, _, out = mq_adapter(tmp_path, targets=["q_proj"])
+    (out / "adapter_config.json").write_text("[1, 2]")
+    assert_refused(out, "adapter_config.json: holds a JSON list, not an object")
+
+
+@pytest.mark.parametrize("init", [False, "gaussian", "orthogonal"])
+def test_inits_that_keep_the_base_load(tmp_path, init):
+    _, mq, out = mq_adapter(tmp_path, targets=["q_proj"])
+    edit_config(out, init_lora_weights=init)
+    _, fresh = pair(0)
+    load_adapter(fresh, out)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(IDS), mq.eval()(IDS), rtol=0, atol=0)
+
+
+def test_peft_lm_head_and_a_target_of_another_architecture(tmp_path):
+    """As peft loads them: a target that matches nothing here ("query_key_value") is passed over, and the base
+    weight peft saves beside a targeted lm_head's LoRA (lm_head.base_layer.weight) is checked against ours."""
+    ref, mq, out = peft_adapter(tmp_path, target_modules=["q_proj", "lm_head", "query_key_value"])
+    sd = load_file(out / "adapter_model.safetensors")
+    assert "base_model.model.lm_head.base_layer.weight" in sd  # what peft writes; the test relies on it
+    load_adapter(mq, out)
+    assert sorted(lora_modules(mq)) == ["lm_head", "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    with torch.no_grad():
+        torch.testing.assert_close(mq.eval()(IDS), ref(IDS).logits, rtol=0, atol=1e-5)
+    # a base weight that is not this model's (another base, a resized vocabulary) is refused
+    edit_tensors(out, lambda sd: {**sd, "base_model.model.lm_head.base_layer.weight":
+                                  sd["base_model.model.lm_head.base_layer.weight"] + 1})
+    assert_refused(out, r"key 'base_model.model.lm_head.base_layer.weight' is a base weight \(128, 64\) that "
+                        r"differs from this model's lm_head.weight")
 
 
 def test_refuses_missing_files(tmp_path):
