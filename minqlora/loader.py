@@ -250,6 +250,10 @@ def save_checkpoint(state_dict: dict, cfg: LlamaConfig, out_dir, *, max_shard_by
     """
     out_dir = Path(out_dir)
     if cfg.tie_word_embeddings:  # the checkpoint holds the shared matrix once, as transformers writes it
+        head, embed = state_dict.get("lm_head.weight"), state_dict.get("model.embed_tokens.weight")
+        if head is not None and head is not embed and not torch.equal(head, embed):
+            raise ValueError("save_checkpoint: tie_word_embeddings, but lm_head.weight differs from "
+                             "model.embed_tokens.weight: it would be lost; save with tie_word_embeddings False")
         state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
     for name, t in state_dict.items():
         if not t.is_floating_point():

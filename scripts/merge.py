@@ -5,9 +5,11 @@
 By default the base is loaded unquantized (--bits 16), so the result is W0 + B·A·alpha/r on the original
 weights; --bits 4 merges into the dequantized 4-bit weights the adapter was trained against instead.
 The weights are written in --dtype (auto: the base's own torch_dtype, e.g. float32 for weights/tiny).
---overwrite_output_dir replaces a checkpoint folder and refuses one holding other files.
+--overwrite_output_dir replaces a checkpoint folder and refuses one holding other files. An adapter on
+lm_head of a base whose lm_head is its input embeddings (tie_word_embeddings) gives an untied checkpoint.
 Checked in tests/test_merge.py: transformers reads the result, equal to peft's model. QLoRA §2 (LoRA).
 """
+import dataclasses
 import re
 import sys
 from dataclasses import dataclass, field
@@ -73,7 +75,13 @@ def merge(args: MergeArgs):
     load_adapter(model, args.peft_path)
     merge_lora(model)
     dequantize_linears(model)  # with --bits 4, the layers the adapter did not touch
-    out = save_checkpoint(model.state_dict(), model.config, args.output_dir, copy_from=args.base_model_path)
+    cfg = model.config
+    if cfg.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
+        # the adapter changed lm_head alone: the merged output layer is no longer the embedding matrix
+        cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
+        print("note: the adapter changes lm_head, whose base shares the input embeddings: the merged checkpoint "
+              "holds both matrices (tie_word_embeddings false)")
+    out = save_checkpoint(model.state_dict(), cfg, args.output_dir, copy_from=args.base_model_path)
     print(f"merged checkpoint written to {out}")
 
 

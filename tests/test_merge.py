@@ -14,23 +14,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import merge  # noqa: E402
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_merged_checkpoint_equals_peft_model(tmp_path, tied):
+@pytest.mark.parametrize("tied, targets", [(False, ["q_proj", "v_proj", "down_proj"]),
+                                           (True, ["q_proj", "v_proj", "down_proj"]),
+                                           (True, ["q_proj", "lm_head"])])
+def test_merged_checkpoint_equals_peft_model(tmp_path, capsys, tied, targets):
     import peft
     import transformers
     hf = hf_model(seed=4, tie_word_embeddings=tied)
     hf.save_pretrained(tmp_path / "base")
     m = load_model(tmp_path / "base", bits=16, progress=False)
-    apply_lora(m, r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj", "down_proj"])
+    apply_lora(m, r=4, alpha=8, dropout=0.0, targets=targets)
     torch.manual_seed(0)
     for mod in lora_modules(m).values():
         torch.nn.init.normal_(mod.lora_B.weight, std=0.05)
-    save_adapter(m, tmp_path / "adapter", r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj", "down_proj"],
+    save_adapter(m, tmp_path / "adapter", r=4, alpha=8, dropout=0.0, targets=targets,
                  base_model_name_or_path=str(tmp_path / "base"))
 
     assert merge.main(["--base_model_path", str(tmp_path / "base"), "--peft_path", str(tmp_path / "adapter"),
                        "--output_dir", str(tmp_path / "merged"), "--dtype", "float32"]) == 0
+    # lm_head's LoRA on a tied base: the merged lm_head is no longer the embeddings, so both are written
+    untied = tied and "lm_head" in targets
+    assert ("tie_word_embeddings false" in capsys.readouterr().out) == untied
     merged = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert merged.config.tie_word_embeddings == (tied and not untied)
     ref = peft.PeftModel.from_pretrained(hf_model(seed=4, tie_word_embeddings=tied), tmp_path / "adapter").eval()
     ids = torch.randint(3, 128, (2, 9))
     with torch.no_grad():
@@ -92,3 +98,14 @@ def test_merge_refuses_several_processes(tmp_path, capsys, monkeypatch):
     assert "merge.py runs in one process, not 2" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
 
+
+
+def test_save_checkpoint_never_drops_an_lm_head_that_is_not_the_embeddings(tmp_path):
+    from minqlora.loader import save_checkpoint
+    hf_model(seed=4, tie_word_embeddings=True).save_pretrained(tmp_path / "base")
+    m = load_model(tmp_path / "base", bits=16, progress=False)
+    save_checkpoint(m.state_dict(), m.config, tmp_path / "same")  # tied: written once
+    m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight + 1)
+    with pytest.raises(ValueError, match="lm_head.weight differs from model.embed_tokens.weight"):
+        save_checkpoint(m.state_dict(), m.config, tmp_path / "untied")
+    assert not (tmp_path / "untied").exists()
