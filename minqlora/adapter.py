@@ -221,13 +221,25 @@ def _read_config(path: Path) -> dict:
     return cfg
 
 
+def _tensor_file(folder: Path) -> Path:
+    """The adapter's weights file: the safetensors one if both are there (as peft prefers it)."""
+    for path in (folder / SAFETENSORS_NAME, folder / BIN_NAME):
+        if path.exists():
+            return path
+    raise BadInput(f"{folder}: no {SAFETENSORS_NAME} or {BIN_NAME}")
+
+
+def check_adapter(adapter_dir: str | os.PathLike) -> dict:
+    """What can be checked before the base model loads (minutes for a 7B): the config, and a weights file."""
+    cfg = _read_config(Path(adapter_dir) / CONFIG_NAME)
+    _tensor_file(Path(adapter_dir))
+    return cfg
+
+
 def _read_tensors(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
-    st, bin_ = folder / SAFETENSORS_NAME, folder / BIN_NAME
-    path = st if st.exists() else bin_ if bin_.exists() else None
-    if path is None:
-        raise BadInput(f"{folder}: no {SAFETENSORS_NAME} or {BIN_NAME}")
+    path = _tensor_file(folder)
     try:
-        tensors = (load_file(str(path), device="cpu") if path == st
+        tensors = (load_file(str(path), device="cpu") if path.name == SAFETENSORS_NAME
                    else torch.load(path, map_location="cpu", weights_only=True))
     except Exception as e:  # truncated or corrupt: say which file, and what the reader said
         raise BadInput(f"{path}: cannot read ({type(e).__name__}: {e})") from None

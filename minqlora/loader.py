@@ -21,7 +21,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .adapter import load_adapter
+from .adapter import check_adapter, load_adapter
 from .atomic import atomic_dir, atomic_path
 from .config import LlamaConfig
 from .model import LlamaForCausalLM
@@ -228,6 +228,8 @@ def load_model(path, *, bits: int = 4, quant_type: str = "nf4", double_quant: bo
 def load_with_adapter(base, adapter=None, *, bits=4, quant_type="nf4", double_quant=True, dtype=torch.float32,
                       device="cpu", progress=True):
     """(model in eval mode with the adapter `adapter` (a peft or minqlora folder) applied, tokenizer)."""
+    if adapter:
+        check_adapter(adapter)  # a bad adapter folder is found before minutes of loading
     model = load_model(base, bits=bits, quant_type=quant_type, double_quant=double_quant, dtype=dtype,
                        device=device, progress=progress)
     tokenizer = Tokenizer.from_dir(base)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minqlora.adapter import load_adapter  # noqa: E402
+from minqlora.adapter import check_adapter, load_adapter  # noqa: E402
 from minqlora.cli import parse_dataclasses  # noqa: E402
 from minqlora.distributed import one_process_only  # noqa: E402
 from minqlora.config import LlamaConfig  # noqa: E402
@@ -67,6 +67,7 @@ def check_output(args: MergeArgs):
 
 def merge(args: MergeArgs):
     check_output(args)
+    check_adapter(args.peft_path)  # before the base loads
     saved = LlamaConfig.from_json(args.base_model_path).torch_dtype
     auto = saved if saved in DTYPES else "float32"  # the base's own dtype
     device, dtype = resolve_device_dtype(args.device, auto if args.dtype == "auto" else args.dtype)

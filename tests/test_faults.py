@@ -116,6 +116,22 @@ def test_smaller_messages(tmp_path, capsys, no_model_load):
     one_error_line(capsys.readouterr().err, "no 'hidden_size'")
 
 
+@needs_tiny
+def test_a_bad_adapter_is_refused_before_the_model_loads(tmp_path, capsys, no_model_load):
+    (tmp_path / "ad").mkdir()
+    (tmp_path / "ad" / "adapter_config.json").write_text('{"r": 8, "lora_alpha": "16", "target_modules": ["q_proj"]}')
+    data = write_records(tmp_path / "d.json", 8)
+    flags = ["--peft_path", str(tmp_path / "ad"), "--prompt_template", "alpaca"]
+    assert ppl_main(["--test_data_path", str(data), *flags]) == 2
+    one_error_line(capsys.readouterr().err, "adapter_config.json: lora_alpha='16'; must be a number")
+    assert predict_main(["--test_data_path", str(data), "--output_path", str(tmp_path / "p.json"), *flags]) == 2
+    one_error_line(capsys.readouterr().err, "lora_alpha='16'")
+    (tmp_path / "ad" / "adapter_config.json").write_text('{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}')
+    assert load_script("merge").main(["--peft_path", str(tmp_path / "ad"), "--output_dir", str(tmp_path / "m")]) == 2
+    one_error_line(capsys.readouterr().err, "no adapter_model.safetensors or adapter_model.bin")
+    assert not (tmp_path / "p.json").exists() and not (tmp_path / "m").exists()
+
+
 # 2. The error is the last thing on screen.
 def test_progress_bars_are_closed_before_the_error(capsys):
     def program():
