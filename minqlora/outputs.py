@@ -43,13 +43,20 @@ def check_output_dir_path(path, flag: str = "--output_dir"):
     _check_writable_within(p, flag, path)
 
 
-def check_output_file_path(path, flag: str):
-    """A file the command will write (under a temporary name beside it, then renamed)."""
+def check_output_file_path(path, flag: str, inputs: dict | None = None):
+    """A file the command will write (under a temporary name beside it, then renamed); `inputs` ({flag: path}
+    of the files and folders the command reads): the file may be none of them, nor inside one."""
     if path is None or str(path).strip() == "":
         raise BadInput(f'{flag} "": empty; give a file name')
     p = Path(path)
     if p.is_dir():
         raise BadInput(f"{flag} {path}: is a folder; give a file name")
+    for in_flag, in_path in (inputs or {}).items():
+        q = Path(in_path).resolve() if in_path else None
+        if q is not None and (q == p.resolve() or (q.is_dir() and q in p.resolve().parents)):
+            where = "is" if q == p.resolve() else "is inside"
+            raise BadInput(f"{flag} {path}: {where} {in_flag} {in_path}, which this command reads; writing it "
+                           "would lose it: choose another path")
     if p.exists() and not os.access(p, os.W_OK):
         raise BadInput(f"{flag} {path}: the file may not be written (permission denied)")
     _check_writable_within(p, flag, path)

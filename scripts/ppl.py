@@ -68,7 +68,9 @@ def ppl(m: ModelArgs, args: PplArgs) -> list[float]:
         draws = plan_draws(test, pool, k=args.few_shot, repeats=args.repeats, seed=args.seed,
                            balanced=args.balanced, pool_name=args.few_shot_pool or args.test_data_path)
     if args.per_example_out:
-        check_output_file_path(args.per_example_out, "--per_example_out")
+        check_output_file_path(args.per_example_out, "--per_example_out", inputs={
+            "--test_data_path": args.test_data_path, "--few_shot_pool": args.few_shot_pool,
+            "--base_model_path": m.base_model_path, "--peft_path": m.peft_path})
     world = distributed.start(m.device)  # under torchrun: records dealt out, process 0 prints and writes
     progress = args.progress and world.main
     say = print if world.main else (lambda *a, **k: None)

@@ -57,7 +57,8 @@ def predict(m: ModelArgs, args: PredictArgs) -> list[dict]:
     for i, rec in enumerate(records):
         if rec.get("id") is None:
             raise BadInput(f"{path}: record {i} has no 'id' field; predictions are keyed by id")
-    check_output_file_path(args.output_path, "--output_path")
+    check_output_file_path(args.output_path, "--output_path", inputs={
+        "--test_data_path": path, "--base_model_path": m.base_model_path, "--peft_path": m.peft_path})
     world = distributed.start(m.device)  # under torchrun: records dealt out, process 0 writes
     progress = args.progress and world.main
 

@@ -95,6 +95,23 @@ def test_every_script_checks_its_output_before_loading(tmp_path, capsys, no_mode
         (tmp_path / "locked").exists() and (tmp_path / "locked").chmod(0o700)
 
 
+@needs_tiny
+def test_an_output_that_is_an_input_is_refused(tmp_path, capsys, no_model_load):
+    """predict.py and ppl.py wrote over their own test data, or into the model folder, before."""
+    data = write_records(tmp_path / "d.json", 8)
+    before = data.read_bytes()
+    runs = [(lambda: predict_main(["--test_data_path", str(data), "--output_path", str(data)]),
+             f"--output_path {data}: is --test_data_path {data}"),
+            (lambda: ppl_main(["--test_data_path", str(data), "--per_example_out", str(data)]),
+             f"--per_example_out {data}: is --test_data_path"),
+            (lambda: ppl_main(["--test_data_path", str(data), "--per_example_out", str(TINY / "config.json")]),
+             "is inside --base_model_path weights/tiny, which this command reads")]
+    for run, message in runs:
+        assert run() == 2
+        one_error_line(capsys.readouterr().err, message)
+    assert data.read_bytes() == before
+
+
 @pytest.mark.parametrize("flag,value", [("temperature", "nan"), ("top_p", "0"), ("repetition_penalty", "-1")])
 def test_predict_names_the_sampling_flag(tmp_path, capsys, no_model_load, flag, value):
     assert predict_main([f"--{flag}", value, "--output_path", str(tmp_path / "p.json")]) == 2
