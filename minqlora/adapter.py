@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .atomic import atomic_dir, atomic_file, atomic_path
+from .atomic import atomic_dir, atomic_file, save_safetensors
 from .lora import LoRALinear, apply_lora, lora_modules, target_module_names
 from .errors import BadInput
 
@@ -72,8 +72,7 @@ def _write_files(folder: Path, tensors: dict, config: dict, info: dict | None = 
     if info:
         with atomic_file(folder / INFO_NAME) as f:
             f.write(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    with atomic_path(folder / SAFETENSORS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    save_safetensors(tensors, folder / SAFETENSORS_NAME, metadata={"format": "pt"})
     with atomic_file(folder / CONFIG_NAME) as f:
         f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
 

@@ -62,6 +62,18 @@ def atomic_path(dest):
     os.replace(tmp, dest)
 
 
+def save_safetensors(tensors: dict, dest, metadata: dict):
+    """safetensors' save_file into `dest`, atomically. Its writer reports a failed write (a full disk) as a
+    SafetensorError, raised here as the OSError it is: a command then reports it as a fault, in one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+    with atomic_path(dest) as tmp:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as e:
+            raise OSError(f"{dest}: {e}") from None
+
+
 @contextlib.contextmanager
 def atomic_file(dest, mode="w", encoding="utf-8"):
     """Yield an open temporary file; on success it replaces `dest`, else it is removed."""

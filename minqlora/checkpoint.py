@@ -46,11 +46,12 @@ RUN_FILES = ("log.jsonl", "run_config.json", "completed", "curves.png", "curves.
 # Flags whose change on resume makes the continuation differ from an uninterrupted run: warned about.
 ORDER_FLAGS = ("dataset", "dataset_format", "prompt_template", "source_max_len", "target_max_len",
                "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "data_seed", "group_by_length", "learning_rate",
-               "lr_scheduler_type", "loss_normalization", "lora_dropout", "bits", "bf16", "fp16", "optim",
+               "lr_scheduler_type", "loss_normalization", "lora_dropout", "bits", "bf16", "fp16",
                "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay", "max_grad_norm")
 
-# Flags that fix the adapter's layout: a checkpoint written with other values cannot be continued.
-LAYOUT_FLAGS = ("lora_r", "lora_alpha", "lora_modules")
+# Flags that fix what a checkpoint holds (the adapter's layout, the optimizer state's kind): a checkpoint
+# written with other values cannot be continued.
+LAYOUT_FLAGS = ("lora_r", "lora_alpha", "lora_modules", "optim")
 
 
 def flag_changes(saved: dict, now: dict, world_size: int, where) -> list[str]:
@@ -218,8 +219,8 @@ def resume_run(run, resume: Path, hyper: dict, say):
         for k in LAYOUT_FLAGS:
             if k in was and was[k] != now[k]:
                 raise BadInput(f"{resume / STATE_JSON}: the run was trained with --{k} {was[k]}, this command has "
-                               f"--{k} {now[k]}; resume with the same --lora_r, --lora_alpha and --lora_modules, "
-                               "or start a new run in another --output_dir")
+                               f"--{k} {now[k]}; resume with --{k} {was[k]}, or start a new run in another "
+                               "--output_dir")
         pos, batches = saved.get("pos", 0), run.order.batches_per_epoch
         if pos >= batches or saved.get("epoch", 0) < 0:
             raise BadInput(f"{resume / STATE_JSON}: the run stopped at micro-batch {pos} of epoch {saved.get('epoch')}, "

@@ -25,9 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
-from .atomic import atomic_dir, atomic_path
+from .atomic import atomic_dir, save_safetensors
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -245,6 +244,5 @@ def convert(src, out_dir, dtype_name: str = "float16") -> Path:
         (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n",
                                                    encoding="utf-8")
-        with atomic_path(tmp / "model.safetensors") as f:  # (also gives the file ordinary permissions)
-            save_file(tensors, str(f), metadata={"format": "pt", "source": src.name})
+        save_safetensors(tensors, tmp / "model.safetensors", metadata={"format": "pt", "source": src.name})
     return out_dir

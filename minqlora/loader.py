@@ -18,11 +18,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .adapter import check_adapter, load_adapter
-from .atomic import atomic_dir, atomic_path
+from .atomic import atomic_dir, save_safetensors
 from .config import LlamaConfig
 from .model import LlamaForCausalLM
 from .nf4 import quantize_linear_weight
@@ -275,8 +274,7 @@ def save_checkpoint(state_dict: dict, cfg: LlamaConfig, out_dir, *, max_shard_by
         for i, shard in enumerate(shards, 1):
             fname = (f"model-{i:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1
                      else "model.safetensors")
-            with atomic_path(tmp / fname) as path:  # also gives the file ordinary permissions
-                save_file(shard, str(path), metadata={"format": "pt"})
+            save_safetensors(shard, tmp / fname, metadata={"format": "pt"})  # (ordinary permissions too)
             for name, t in shard.items():
                 weight_map[name] = fname
                 total += t.numel() * t.element_size()

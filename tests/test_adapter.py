@@ -4,11 +4,11 @@ import json
 import os
 
 import pytest
+import safetensors.torch
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-import minqlora.adapter as adapter_mod
 from _tiny import hf_model, mq_from_hf, pair
 from minqlora.adapter import load_adapter, save_adapter
 from minqlora.errors import BadInput
@@ -252,7 +252,7 @@ def test_save_is_atomic_and_keeps_other_files(tmp_path, monkeypatch):
     def crash(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(adapter_mod, "save_file", crash)
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         save_adapter(mq, tmp_path / "new", r=4, alpha=8, dropout=0.0, targets="all", base_model_name_or_path=None)
     assert sorted(os.listdir(tmp_path)) == ["adapter"]

@@ -193,6 +193,7 @@ def test_a_refused_resume_leaves_the_finished_run_as_it_was(tmp_path, capsys):
     small = write_records(tmp_path / "small.json", 4)
     cases = [({"lora_r": 4}, "checkpoint-2/trainer_state.json: the run was trained with --lora_r 8"),
              ({"lora_modules": "q_proj"}, "--lora_modules all"),
+             ({"optim": "adamw_torch"}, "--optim paged_adamw_32bit, this command has --optim adamw_torch"),
              ({"dataset": small}, "the dataset no longer matches the saved position"),
              ({}, "checkpoint-2/trainer_state.pt: cannot read")]
     for overrides, message in cases:
@@ -237,10 +238,29 @@ def test_a_full_disk_mid_run_names_the_last_good_checkpoint(tmp_path, capsys, mo
 
 
 @needs_tiny
+def test_a_full_disk_while_safetensors_writes_is_a_fault_too(tmp_path, capsys, monkeypatch):
+    """safetensors' writer reports a full disk as a SafetensorError (not an OSError): it gave a traceback."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+    real = safetensors.torch.save_file
+
+    def fake_save(tensors, path, metadata=None):
+        if "checkpoint-4" in str(path):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, path, metadata=metadata)
+    monkeypatch.setattr(safetensors.torch, "save_file", fake_save)
+    out = tmp_path / "out"
+    assert train_main(fast_args(out, write_records(tmp_path / "d.json", 16))) == 1
+    one_error_line(capsys.readouterr().err, "No space left on device", f"Last good checkpoint: {out / 'checkpoint-2'}")
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
+
+
+@needs_tiny
 def test_a_full_disk_in_ppl_predict_merge_keeps_the_old_output(tmp_path, capsys, monkeypatch):
     """Each script's real writer hits ENOSPC while writing its result: exit 1, one error line, the previous
     result unchanged, no temporary file left beside it."""
-    import minqlora.loader
+    import safetensors.torch
+    from safetensors import SafetensorError
     real_open = builtins.open
 
     def full(name):
@@ -252,9 +272,9 @@ def test_a_full_disk_in_ppl_predict_merge_keeps_the_old_output(tmp_path, capsys,
             f.write = lambda data: full(file)
         return f
 
-    def fake_save(tensors, path, metadata=None):
+    def fake_save(tensors, path, metadata=None):  # as safetensors' writer fails: a SafetensorError
         real_open(path, "wb").write(b"half")  # a partial shard, then the disk is full
-        full(path)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
     data, out, adapter = write_records(tmp_path / "d.json", 3), tmp_path / "out", tmp_path / "adapter"
     assert train_main(fast_args(adapter, data, max_steps=1, save_strategy="no")) == 0  # on a healthy disk
     out.mkdir()
@@ -269,7 +289,7 @@ def test_a_full_disk_in_ppl_predict_merge_keeps_the_old_output(tmp_path, capsys,
             "merged": lambda: load_script("merge").main([*common[:4], "--peft_path", str(adapter), "--output_dir",
                                                          str(out / "merged"), "--overwrite_output_dir"])}
     monkeypatch.setattr(builtins, "open", fake_open)
-    monkeypatch.setattr(minqlora.loader, "save_file", fake_save)
+    monkeypatch.setattr(safetensors.torch, "save_file", fake_save)
     before = snapshot(out)
     for name, run in runs.items():
         capsys.readouterr()
