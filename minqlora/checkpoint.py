@@ -101,9 +101,9 @@ def list_checkpoints(output_dir) -> list[tuple[int, Path]]:
 
 
 def last_good(output_dir) -> str:
-    """The newest checkpoint folder, for error messages ("none" when there is none)."""
+    """The newest checkpoint folder, for error messages (when there is none, how to start again)."""
     found = list_checkpoints(output_dir)
-    return str(found[-1][1]) if found else "none"
+    return str(found[-1][1]) if found else "none (to start again: the same flags plus --overwrite_output_dir)"
 
 
 def find_checkpoint(spec: str, output_dir) -> Path:
@@ -142,9 +142,10 @@ def check_output_dir(output_dir, *, overwrite: bool, resuming: bool, resume_from
                 f"{resume_from} belongs to ({Path(resume_from).parent}); continuing into it would mix the two "
                 "runs' logs and checkpoints. Use that run's folder as --output_dir, an empty --output_dir, or "
                 f"--overwrite_output_dir to delete the run in {out}")
-        raise BadInput(
-            f"--output_dir {out} holds another run ({shown}). Continue it with --resume_from_checkpoint "
-            "latest, choose another --output_dir, or pass --overwrite_output_dir to delete it")
+        cont = ("Continue it with --resume_from_checkpoint latest, choose" if list_checkpoints(out) else
+                "It saved no checkpoint to continue from: choose")  # (stopped before its first)
+        raise BadInput(f"--output_dir {out} holds another run ({shown}). {cont} another --output_dir, or pass "
+                       "--overwrite_output_dir to delete it")
     return found
 
 

@@ -70,9 +70,10 @@ def run_main(program, *args) -> int:
         close_progress_bars()
         if e.quiet:
             return 130
-        where = f"; checkpoint {e.path}" if e.path else "; no step completed, nothing saved"
-        print(f"interrupted after step {e.step}{where}. Continue with the same flags plus "
-              "--resume_from_checkpoint latest", file=sys.stderr)
+        then = (f"; checkpoint {e.path}. Continue with the same flags plus --resume_from_checkpoint latest"
+                if e.path else "; no step completed, nothing saved. Start again with the same flags plus "
+                "--overwrite_output_dir")
+        print(f"interrupted after step {e.step}{then}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         close_progress_bars()

@@ -208,6 +208,24 @@ def test_a_refused_resume_leaves_the_finished_run_as_it_was(tmp_path, capsys):
         assert snapshot(out) == before
 
 
+@needs_tiny
+def test_a_run_stopped_before_its_first_checkpoint_says_how_to_start_again(tmp_path, capsys, monkeypatch):
+    """It said "continue with --resume_from_checkpoint latest", which then found no checkpoint."""
+    import minqlora.trainer as trainer
+    real = trainer.accumulate_gradients
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(trainer, "accumulate_gradients", ctrl_c)
+    data, out = write_records(tmp_path / "d.json", 8), tmp_path / "out"
+    assert train_main(fast_args(out, data)) == 130
+    assert "nothing saved. Start again with the same flags plus --overwrite_output_dir" in capsys.readouterr().err
+    monkeypatch.setattr(trainer, "accumulate_gradients", real)
+    assert train_main(fast_args(out, data)) == 2
+    one_error_line(capsys.readouterr().err, "It saved no checkpoint to continue from")
+    assert train_main([*fast_args(out, data), "--overwrite_output_dir"]) == 0
+
+
 # 4. Faults during work: exit 1, the last good checkpoint named, no half-written file.
 @needs_tiny
 def test_a_full_disk_mid_run_names_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
