@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 
 from .atomic import atomic_dir, atomic_file, save_safetensors
 from .lora import LoRALinear, apply_lora, lora_modules, target_module_names
-from .errors import BadInput
+from .errors import BadInput, unreadable
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -241,7 +241,7 @@ def _read_tensors(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
         tensors = (load_file(str(path), device="cpu") if path.name == SAFETENSORS_NAME
                    else torch.load(path, map_location="cpu", weights_only=True))
     except Exception as e:  # truncated or corrupt: say which file, and what the reader said
-        raise BadInput(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+        raise unreadable(path, e) from None
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise BadInput(f"{path}: not a dict of tensors")
     return path, tensors

@@ -16,6 +16,7 @@ tests/test_infer_scripts.py.
 """
 from __future__ import annotations
 
+import pickle
 import sys
 
 
@@ -52,6 +53,17 @@ def close_progress_bars():
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
     sys.stdout.flush()
+
+
+def unreadable(path, e: Exception) -> BadInput:
+    """A file its reader refused (truncated, corrupt, another format): the file and the reader's first line.
+    torch.load(weights_only=True) refuses a pickle that holds more than tensors with advice to load it
+    unsafely (which would run the file's code): that advice is never passed on."""
+    if isinstance(e, pickle.UnpicklingError):
+        said = "damaged, or a pickle of more than tensors, which is never loaded (it could run code)"
+    else:
+        said = (str(e).strip().splitlines() or [""])[0]
+    return BadInput(f"{path}: cannot read ({type(e).__name__}: {said})")
 
 
 def describe_os_error(e: OSError) -> str:

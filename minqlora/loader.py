@@ -26,7 +26,7 @@ from .config import LlamaConfig
 from .model import LlamaForCausalLM
 from .nf4 import quantize_linear_weight
 from .tokenizer import Tokenizer
-from .errors import BadInput
+from .errors import BadInput, unreadable
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # RoPE tables some old conversions saved; we recompute
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype values
@@ -158,7 +158,7 @@ def read_tensors(path: Path, staging: Staging | None = None):
     except BadInput:
         raise
     except Exception as e:  # a corrupt file: say which, and what the reader said
-        raise BadInput(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+        raise unreadable(path, e) from None
 
 
 def load_model(path, *, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True,

@@ -295,3 +295,16 @@ def test_refuses_a_corrupt_adapter_file(tmp_path, name):
     with pytest.raises(BadInput, match=rf"{name}: cannot read"):
         load_adapter(fresh, out)
     assert not lora_modules(fresh)  # refused before the model was touched
+
+
+def test_a_pickle_of_more_than_tensors_is_refused_in_one_line_without_unsafe_advice(tmp_path):
+    _, _, out = mq_adapter(tmp_path)
+    sd = load_file(out / "adapter_model.safetensors")
+    (out / "adapter_model.safetensors").unlink()
+    torch.save({**sd, "extra": os.getcwd}, out / "adapter_model.bin")  # a function: not weights_only
+    _, fresh = pair(0)
+    with pytest.raises(BadInput) as e:
+        load_adapter(fresh, out)
+    message = str(e.value)
+    assert "adapter_model.bin: cannot read (UnpicklingError: damaged, or a pickle of more than tensors" in message
+    assert "\n" not in message and "weights_only` set to `False`" not in message
