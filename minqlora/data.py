@@ -36,6 +36,13 @@ def _where(path, i, rec):
 
 
 def _parse(path: Path, text: str) -> list:
+    try:
+        return _parse_json(path, text)
+    except RecursionError:
+        raise BadInput(f"{path}: JSON nested too deeply to be records") from None
+
+
+def _parse_json(path: Path, text: str) -> list:
     if path.suffix == ".jsonl":
         records = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -52,6 +59,14 @@ def _parse(path: Path, text: str) -> list:
     if not isinstance(records, list):
         raise BadInput(f"{path}: expected a JSON list of records, found a {type(records).__name__}")
     return records
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def read_records(path, required=("instruction", "output"), unique_ids=False) -> list[dict]:
@@ -78,6 +93,10 @@ def read_records(path, required=("instruction", "output"), unique_ids=False) -> 
             if not isinstance(rec.get(key), str):
                 what = "has no" if key not in rec else "has a non-string"
                 raise BadInput(f"{_where(path, i, rec)} {what} {key!r} field")
+        for key, value in rec.items():  # JSON may escape half a UTF-16 pair ("\ud800"): no tokenizer takes it
+            if isinstance(value, str) and not value.isascii() and not _encodes(value):
+                raise BadInput(f"{_where(path, i, rec)} field {key!r} holds an unpaired surrogate escape "
+                               "(\\ud800-\\udfff alone): not text")
         if unique_ids and "id" in rec:
             if not isinstance(rec["id"], (str, int)) or isinstance(rec["id"], bool):
                 raise BadInput(f"{_where(path, i, rec)}: id must be a string or an integer")

@@ -60,6 +60,10 @@ def test_read_json_and_jsonl(tmp_path):
      r"record 0 \(id \[1\]\): id must be a string or an integer"),
     ("d.json", '[{"id": 1, "instruction": "a"}, {"id": 1, "instruction": "b"}]',
      {"required": ("instruction",), "unique_ids": True}, r"record 1 \(id 1\): duplicate id, first at record 0"),
+    ("d.json", '[{"instruction": "a", "output": "b"}, {"instruction": "\\ud800 x", "output": "b"}]', {},
+     r"record 1 field 'instruction' holds an unpaired surrogate escape"),  # sentencepiece raised before
+    ("d.jsonl", '{"instruction": "a", "output": "b", "input": "\\udfff"}\n', {}, "field 'input' holds an unpaired"),
+    ("d.json", "[" * 100000, {}, "JSON nested too deeply"),  # a RecursionError before
 ])
 def test_bad_datasets_are_located(tmp_path, name, text, kw, msg):
     p = write(tmp_path, name, text)
