@@ -148,19 +148,30 @@ def save_adapter(
 
 
 def trained_prompt(adapter_dir) -> str | None:
-    """The prompt template an adapter was trained with (minqlora.json), None when not recorded."""
-    try:
-        info = json.loads((Path(adapter_dir) / INFO_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    """The prompt template an adapter was trained with (minqlora.json), None when not recorded (no file: a
+    peft adapter); a file that does not say it is refused by name."""
+    path = Path(adapter_dir) / INFO_NAME
+    if not path.is_file():
         return None
-    return info.get("prompt_template") if isinstance(info, dict) else None
+    try:
+        template = json.loads(path.read_text(encoding="utf-8")).get("prompt_template")
+    except (OSError, ValueError, AttributeError) as e:  # (AttributeError: JSON, but not an object)
+        raise BadInput(f"{path}: cannot read the recorded prompt template ({type(e).__name__})") from None
+    if not isinstance(template, str):
+        raise BadInput(f"{path}: prompt_template={template!r}, not a template's name")
+    return template
 
 
 def choose_prompt(asked: str, adapter_dir) -> tuple[str, str | None]:
     """--prompt_template of ppl.py / predict.py -> (the template to use, a warning or None). 'adapter'
     takes the adapter's recorded one; another template than the recorded one is used, with a warning
     (the course scores an alpaca-trained adapter with the course prompt on purpose)."""
-    trained = trained_prompt(adapter_dir) if adapter_dir else None
+    try:
+        trained = trained_prompt(adapter_dir) if adapter_dir else None
+    except BadInput:
+        if asked == "adapter":
+            raise
+        trained = None  # a template is named: the record would only have been compared with it
     if asked == "adapter":
         if trained is None:
             where = f"{adapter_dir} has no {INFO_NAME}" if adapter_dir else "no --peft_path"

@@ -322,6 +322,12 @@ def test_prompt_template_recorded_and_chosen(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "minqlora.json").write_text('{"prompt_template": "alpaca"}')
     assert trained_prompt(tmp_path / "a") == "alpaca"
+    for bad in ('{"prompt_template": 5}', "[1]", "{oops"):  # said "has no minqlora.json", or a TypeError, before
+        (tmp_path / "b").mkdir(exist_ok=True)
+        (tmp_path / "b" / "minqlora.json").write_text(bad)
+        with pytest.raises(BadInput, match="b/minqlora.json: "):
+            choose_prompt("adapter", tmp_path / "b")
+        assert choose_prompt("course", tmp_path / "b") == ("course", None)  # a named template needs no record
     assert choose_prompt("adapter", tmp_path / "a") == ("alpaca", None)
     template, warning = choose_prompt("course", tmp_path / "a")
     assert template == "course" and "was trained with the alpaca prompt" in warning
