@@ -228,10 +228,10 @@ def load_with_adapter(base, adapter=None, *, bits=4, quant_type="nf4", double_qu
                       device="cpu", progress=True):
     """(model in eval mode with the adapter `adapter` (a peft or minqlora folder) applied, tokenizer)."""
     if adapter:
-        check_adapter(adapter)  # a bad adapter folder is found before minutes of loading
+        check_adapter(adapter)  # a bad adapter folder or tokenizer is found before minutes of loading
+    tokenizer = Tokenizer.from_dir(base)
     model = load_model(base, bits=bits, quant_type=quant_type, double_quant=double_quant, dtype=dtype,
                        device=device, progress=progress)
-    tokenizer = Tokenizer.from_dir(base)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise BadInput(f"{base}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
                        f"vocab_size={model.config.vocab_size}")
