@@ -62,6 +62,13 @@ def check_output_file_path(path, flag: str, inputs: dict | None = None):
     _check_writable_within(p, flag, path)
 
 
+def check_seed(flag: str, value):
+    """A seed: numpy's range, as transformers' set_seed needs (torch's error for a negative or huge one named
+    no flag)."""
+    if value is not None and not 0 <= value < 2**32:
+        raise BadInput(f"--{flag} {value}: must be a whole number from 0 to {2**32 - 1}")
+
+
 def check_number(flag: str, value, *, low=None, high=None, low_open=False, high_open=False, hint=""):
     """Refuse a value that is NaN/inf or outside [low, high] (open ends with low_open / high_open)."""
     ok = isinstance(value, int) or math.isfinite(value)

@@ -19,7 +19,7 @@ from .chat import prompt_for
 from .data import check_limits, make_data_module
 from .errors import BadInput
 from .loader import DTYPES
-from .outputs import check_number, check_output_dir_path
+from .outputs import check_number, check_output_dir_path, check_seed
 
 
 def _f(default, help, choices=None):
@@ -178,6 +178,8 @@ def validate(a: RunArgs) -> RunArgs:
     if not 0 <= t.lora_dropout < 1:
         raise BadInput(f"--lora_dropout {t.lora_dropout}: expected 0 <= p < 1")
     check_numbers(t)
+    check_seed("seed", t.seed)
+    check_seed("data_seed", t.data_seed)
     check_output_dir_path(t.output_dir)
     if t.save_total_limit is not None and t.save_total_limit < 1:
         raise BadInput(f"--save_total_limit {t.save_total_limit}: must be at least 1 (or None: keep all)")

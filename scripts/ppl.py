@@ -27,7 +27,7 @@ from minqlora.course import FewShotPrompt, direction_counts, plan_draws  # noqa:
 from minqlora.data import read_records  # noqa: E402
 from minqlora.errors import BadInput, run_main  # noqa: E402
 from minqlora.loader import load_with_adapter, resolve_device_dtype  # noqa: E402
-from minqlora.outputs import check_output_file_path  # noqa: E402
+from minqlora.outputs import check_output_file_path, check_seed  # noqa: E402
 from minqlora.perplexity import mean_perplexity, perplexities  # noqa: E402
 
 
@@ -56,6 +56,7 @@ def ppl(m: ModelArgs, args: PplArgs) -> list[float]:
                    few_shot=(args.few_shot, 0), repeats=(args.repeats, 1))
     if args.few_shot == 0 and (args.repeats > 1 or args.balanced or args.few_shot_pool):
         raise BadInput("--repeats, --balanced and --few_shot_pool need --few_shot K (K > 0)")
+    check_seed("seed", args.seed)
     device, dtype = resolve_device_dtype(m.device, m.dtype)
     prompt = inference_prompt(args.prompt_template, m)  # adapter: recorded by training; chat: the folder's
     required = (*prompt.fields, "output")

@@ -23,7 +23,7 @@ from minqlora.data import read_records  # noqa: E402
 from minqlora.errors import BadInput, run_main  # noqa: E402
 from minqlora.generate import generate  # noqa: E402
 from minqlora.loader import load_with_adapter, resolve_device_dtype  # noqa: E402
-from minqlora.outputs import check_number, check_output_file_path  # noqa: E402
+from minqlora.outputs import check_number, check_output_file_path, check_seed  # noqa: E402
 
 
 @dataclass
@@ -50,6 +50,7 @@ def predict(m: ModelArgs, args: PredictArgs) -> list[dict]:
     check_number("top_p", args.top_p, low=0, high=1, low_open=True, hint="1.0 turns nucleus sampling off")
     check_number("temperature", args.temperature, low=0, low_open=True, hint="or greedy: --do_sample False")
     check_number("repetition_penalty", args.repetition_penalty, low=0, low_open=True, hint="1.0 turns it off")
+    check_seed("seed", args.seed)
     device, dtype = resolve_device_dtype(m.device, m.dtype)
     prompt = inference_prompt(args.prompt_template, m)  # adapter: recorded by training; chat: the folder's
     path = args.test_data_path

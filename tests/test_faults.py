@@ -50,6 +50,8 @@ def no_model_load(monkeypatch):
     ("weight_decay", "-1", "--weight_decay -1.0"), ("adam_epsilon", "0", "--adam_epsilon 0.0"),
     ("warmup_ratio", "2", "--warmup_ratio 2.0: must be a finite number >= 0 and <= 1"),
     ("max_grad_norm", "nan", "--max_grad_norm nan"), ("output_dir", "", '--output_dir "": empty'),
+    ("seed", "-1", "--seed -1: must be a whole number from 0 to 4294967295"),
+    ("data_seed", str(2**64), f"--data_seed {2**64}: must be a whole number"),
 ])
 def test_train_refuses_numbers_and_paths_by_name(tmp_path, capsys, no_model_load, flag, value, message):
     argv = fast_args(tmp_path / "out", write_records(tmp_path / "d.json", 8), **{flag: value})
@@ -112,7 +114,8 @@ def test_an_output_that_is_an_input_is_refused(tmp_path, capsys, no_model_load):
     assert data.read_bytes() == before
 
 
-@pytest.mark.parametrize("flag,value", [("temperature", "nan"), ("top_p", "0"), ("repetition_penalty", "-1")])
+@pytest.mark.parametrize("flag,value", [("temperature", "nan"), ("top_p", "0"), ("repetition_penalty", "-1"),
+                                        ("seed", str(10**20))])
 def test_predict_names_the_sampling_flag(tmp_path, capsys, no_model_load, flag, value):
     assert predict_main([f"--{flag}", value, "--output_path", str(tmp_path / "p.json")]) == 2
     one_error_line(capsys.readouterr().err, f"--{flag} ")
