@@ -307,6 +307,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> dict:
             raise BadInput(f"{path}: key {key!r} names module {module!r}, which has no LoRA layer in this model")
         if (module, which) in tensors:
             raise BadInput(f"{path}: key {key!r} duplicates another key for {module}.{which}")
+        if not t.is_floating_point() or not torch.isfinite(t).all():
+            raise BadInput(f"{path}: key {key!r} is {t.dtype}" + (", not floating point" if not t.is_floating_point()
+                           else " with non-finite values (NaN or inf): the adapter is damaged"))
         fin, fout = features[module]
         expected = (r, fin) if which == "lora_A" else (fout, r)
         if tuple(t.shape) != expected:

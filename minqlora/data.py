@@ -77,7 +77,7 @@ def read_records(path, required=("instruction", "output"), unique_ids=False) -> 
     if not path.is_file():
         raise BadInput(f"{path}: no such file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # (-sig: a byte-order mark, as Windows editors write, is skipped)
     except (OSError, UnicodeDecodeError) as e:
         raise BadInput(f"{path}: cannot read ({e})") from None
     if not text.strip():

@@ -297,6 +297,17 @@ def test_refuses_a_corrupt_adapter_file(tmp_path, name):
     assert not lora_modules(fresh)  # refused before the model was touched
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda t: t.to(torch.int32), "torch.int32, not floating point"),  # truncated to the base model before
+    (lambda t: t.fill_(float("nan")), "non-finite values"),  # a perplexity of nan, exit 0, before
+])
+def test_refuses_damaged_lora_tensors(tmp_path, damage, message):
+    _, _, out = mq_adapter(tmp_path, targets=["q_proj"])
+    key = "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"
+    edit_tensors(out, lambda sd: {**sd, key: damage(sd[key])})
+    assert_refused(out, f"key '{key}' is .*{message}")
+
+
 def test_a_pickle_of_more_than_tensors_is_refused_in_one_line_without_unsafe_advice(tmp_path):
     _, _, out = mq_adapter(tmp_path)
     sd = load_file(out / "adapter_model.safetensors")

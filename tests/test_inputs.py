@@ -43,6 +43,7 @@ def test_read_json_and_jsonl(tmp_path):
     recs = [{"id": "a", "instruction": "i", "output": "o"}, {"id": "b", "instruction": "j", "output": "p"}]
     assert read_records(write(tmp_path, "d.json", json.dumps(recs))) == recs
     assert read_records(write(tmp_path, "d.jsonl", "\n".join(map(json.dumps, recs)) + "\n\n")) == recs
+    assert read_records(write(tmp_path, "bom.json", "\ufeff" + json.dumps(recs))) == recs  # a Windows editor's
 
 
 @pytest.mark.parametrize("name,text,kw,msg", [
