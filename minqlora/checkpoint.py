@@ -222,6 +222,9 @@ def resume_run(run, resume: Path, hyper: dict, say):
                 raise BadInput(f"{resume / STATE_JSON}: the run was trained with --{k} {was[k]}, this command has "
                                f"--{k} {now[k]}; resume with --{k} {was[k]}, or start a new run in another "
                                "--output_dir")
+        if saved["step"] > run.total_steps:  # (equal: the run ends at that checkpoint, its adapter the final one)
+            raise BadInput(f"{resume}: the run is at step {saved['step']}, past the {run.total_steps} steps this "
+                           "command trains; raise --max_steps (or --num_train_epochs) to continue it")
         pos, batches = saved.get("pos", 0), run.order.batches_per_epoch
         if pos >= batches or saved.get("epoch", 0) < 0:
             raise BadInput(f"{resume / STATE_JSON}: the run stopped at micro-batch {pos} of epoch {saved.get('epoch')}, "

@@ -197,13 +197,14 @@ def test_a_refused_resume_leaves_the_finished_run_as_it_was(tmp_path, capsys):
     cases = [({"lora_r": 4}, "checkpoint-2/trainer_state.json: the run was trained with --lora_r 8"),
              ({"lora_modules": "q_proj"}, "--lora_modules all"),
              ({"optim": "adamw_torch"}, "--optim paged_adamw_32bit, this command has --optim adamw_torch"),
+             ({"max_steps": 1}, "checkpoint-2: the run is at step 2, past the 1 steps this command trains"),
              ({"dataset": small}, "the dataset no longer matches the saved position"),
              ({}, "checkpoint-2/trainer_state.pt: cannot read")]
     for overrides, message in cases:
         if not overrides:  # last: a damaged state file
             (out / "checkpoint-2" / "trainer_state.pt").write_bytes(b"not a pickle" * 10)
             before = snapshot(out)
-        argv = fast_args(out, overrides.pop("dataset", data), max_steps=6, **overrides)
+        argv = fast_args(out, overrides.pop("dataset", data), **{"max_steps": 6, **overrides})
         assert train_main([*argv, "--resume_from_checkpoint", str(out / "checkpoint-2")]) == 2
         err = capsys.readouterr().err
         one_error_line(err, message)
