@@ -161,6 +161,18 @@ def read_tensors(path: Path, staging: Staging | None = None):
         raise unreadable(path, e) from None
 
 
+def skeleton(path) -> tuple[LlamaForCausalLM, list[Path]]:
+    """The model a checkpoint folder describes, on the meta device (no memory, no weight read), and its weight
+    files: the folder's config and files checked and the module names known, at no cost."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise BadInput(f"{folder}: not a model folder")
+    cfg = LlamaConfig.from_json(folder)
+    files = weight_files(folder)
+    with torch.device("meta"):
+        return LlamaForCausalLM(cfg), files
+
+
 def load_model(path, *, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True,
                dtype: torch.dtype = torch.float32, device="cpu", progress: bool = True
                ) -> LlamaForCausalLM:
@@ -168,12 +180,8 @@ def load_model(path, *, bits: int = 4, quant_type: str = "nf4", double_quant: bo
     if bits not in (4, 16):
         raise ValueError(f"bits={bits}: only 4 (QLoRA) and 16 (no quantization) are supported")
     folder = Path(path)
-    if not folder.is_dir():
-        raise BadInput(f"{folder}: not a model folder")
-    cfg = LlamaConfig.from_json(folder)
-    files = weight_files(folder)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+    model, files = skeleton(folder)
+    cfg = model.config
     expected = dict(model.named_parameters())  # tied lm_head.weight appears once, as embed_tokens
     modules = dict(model.named_modules())
     filled: dict[str, Path] = {}

@@ -19,6 +19,7 @@ from .chat import prompt_for
 from .data import check_limits, make_data_module
 from .errors import BadInput
 from .loader import DTYPES
+from .lora import target_module_names
 from .outputs import check_number, check_output_dir_path, check_seed
 
 
@@ -217,13 +218,19 @@ def parse_args(argv=None, prog="train.py", description=None):
     return parser, validate(RunArgs(*parts))
 
 
-def lora_targets(spec: str):
-    """'all' or a comma-separated list of module names."""
+def lora_targets(spec: str, model=None):
+    """'all' or a comma-separated list of module names; with `model` (loader.skeleton's: no weights), each
+    name must match some of its linear layers."""
     if spec == "all":
         return "all"
     names = [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
         raise BadInput(f"--lora_modules {spec!r}: expected 'all' or names such as q_proj,v_proj")
+    if model is not None:
+        try:
+            target_module_names(model, names)
+        except ValueError as e:
+            raise BadInput(f"--lora_modules {spec}: {e}") from None
     return names
 
 

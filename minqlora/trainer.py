@@ -30,11 +30,10 @@ from . import accumulate, compiled, distributed
 from . import checkpoint as ckpt
 from .atomic import atomic_file
 from .chat import prompt_for
-from .config import LlamaConfig
 from .curves import RunLog, redraw_curves
 from .data import DataOrder, collate
 from .errors import MEMORY_HINT, Interrupted, TrainingError
-from .loader import load_model, resolve_device_dtype, weight_files
+from .loader import load_model, resolve_device_dtype, skeleton
 from .lora import apply_lora, computing_in, set_compute_dtype
 from .loss import causal_lm_loss
 from .optim import build_optimizer, build_scheduler, describe_schedule, quiet_cpu_paging, warmup_steps_for
@@ -54,10 +53,10 @@ def setup(a: RunArgs, progress: bool, world: distributed.World) -> Run:
     m, d, t = a.model, a.data, a.train
     started, out = time.perf_counter(), Path(t.output_dir)
     device, dtype = resolve_device_dtype(m.device, dtype_name(a))
-    targets = lora_targets(t.lora_modules)
+    # The model folder (config, weight files) and --lora_modules against its module names, before the data.
+    frame, _ = skeleton(m.model_name_or_path)
+    targets, context = lora_targets(t.lora_modules, frame), frame.config.max_position_embeddings
     resume = ckpt.find_checkpoint(t.resume_from_checkpoint, out) if t.resume_from_checkpoint else None
-    context = LlamaConfig.from_json(m.model_name_or_path).max_position_embeddings  # cheap checks of the
-    weight_files(Path(m.model_name_or_path))  # model folder before the data work
     ckpt.check_output_dir(out, overwrite=t.overwrite_output_dir, resuming=resume is not None, resume_from=resume)
     seed_everything(t.seed)
     pass_tokens, use_graphs, fast = accumulate.choose(t.pass_tokens, t.cuda_graphs, device)

@@ -51,6 +51,7 @@ def no_model_load(monkeypatch):
     ("warmup_ratio", "2", "--warmup_ratio 2.0: must be a finite number >= 0 and <= 1"),
     ("max_grad_norm", "nan", "--max_grad_norm nan"), ("output_dir", "", '--output_dir "": empty'),
     ("seed", "-1", "--seed -1: must be a whole number from 0 to 4294967295"),
+    ("lora_modules", "q_proj,qproj", "--lora_modules q_proj,qproj: LoRA target 'qproj' matches no module"),
     ("data_seed", str(2**64), f"--data_seed {2**64}: must be a whole number"),
 ])
 def test_train_refuses_numbers_and_paths_by_name(tmp_path, capsys, no_model_load, flag, value, message):
