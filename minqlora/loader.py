@@ -165,9 +165,9 @@ def skeleton(path) -> tuple[LlamaForCausalLM, list[Path]]:
     """The model a checkpoint folder describes, on the meta device (no memory, no weight read), and its weight
     files: the folder's config and files checked and the module names known, at no cost."""
     folder = Path(path)
+    cfg = LlamaConfig.from_json(folder)  # (it names a file given for the folder, or a missing config.json)
     if not folder.is_dir():
         raise BadInput(f"{folder}: not a model folder")
-    cfg = LlamaConfig.from_json(folder)
     files = weight_files(folder)
     with torch.device("meta"):
         return LlamaForCausalLM(cfg), files
