@@ -16,27 +16,35 @@ apply_chat_template's own tokenization has none). Checked in tests/test_chat.py 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .data import Prompt
+from .errors import BadInput
+from .tokenizer import read_json_object
+
+# What the template is tried on when it is read, so that one failing on every prompt is refused before the
+# model loads: one user turn, the shape of every prompt minqlora renders without few-shot examples.
+_TRIAL = [{"role": "user", "content": "Hello"}]
 
 
-class ChatTemplateError(ValueError):
-    pass
+class ChatTemplateError(BadInput):
+    """A chat template that is missing, is not valid Jinja, or fails while rendering (exit 2)."""
 
 
 def _read_template(folder: Path) -> tuple[str, dict]:
     """(template, tokenizer_config) from tokenizer_config.json, or chat_template.jinja/.json beside it."""
-    cfg_path = folder / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
+    cfg = read_json_object(folder / "tokenizer_config.json")
     template = cfg.get("chat_template")
     if (folder / "chat_template.jinja").exists():
-        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        try:
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ChatTemplateError(f"{folder / 'chat_template.jinja'}: cannot read it: not UTF-8 text "
+                                    f"({e.reason} at byte {e.start})") from None
     elif (folder / "chat_template.json").exists():
-        template = json.loads((folder / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
+        template = read_json_object(folder / "chat_template.json").get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in template}
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
     if not isinstance(template, str) or not template:
         raise ChatTemplateError(f"--prompt_template chat: {folder} has no chat template (tokenizer_config.json's "
@@ -75,10 +83,19 @@ class ChatPrompt:
             raise ChatTemplateError(f"{folder}: the chat template is not valid Jinja: {e}") from None
         self.folder = folder
         self.specials = {k: _token(cfg, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-        self.bos = self.specials["bos_token"] or ""
+        self.bos = self.specials["bos_token"] if isinstance(self.specials["bos_token"], str) else ""
+        self.render(_TRIAL)
 
     def render(self, messages: list[dict]) -> str:
-        text = self.jinja.render(messages=messages, add_generation_prompt=True, **self.specials)
+        """The conversation as the template writes it, with the generation prompt, less a leading BOS string.
+        The template is code from the model folder: any error it raises is refused naming the folder."""
+        try:
+            text = self.jinja.render(messages=messages, add_generation_prompt=True, **self.specials)
+        except ChatTemplateError:
+            raise
+        except Exception as e:  # UndefinedError, ZeroDivisionError, TypeError, SecurityError, ...
+            raise ChatTemplateError(f"{self.folder}: the chat template failed while rendering "
+                                    f"({type(e).__name__}: {e})") from None
         return text[len(self.bos):] if self.bos and text.startswith(self.bos) else text
 
     def messages(self, record: dict, shots=()) -> list[dict]:

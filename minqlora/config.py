@@ -18,8 +18,51 @@ import torch
 from .errors import BadInput
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# Each RoPE scaling type and the keys rope_inv_freq reads from its dict (each a finite number > 0).
+ROPE_KEYS = {"default": (), "linear": ("factor",),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+SUPPORTED_ROPE_TYPES = tuple(ROPE_KEYS)
 
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is not 1
+
+
+def _is_number(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+# What each word of a field's annotation admits, and how a refusal says it (_admits adds the bounds).
+# Integers are sizes (>= 1) except the *_token_id fields (any: early Llama conversions say pad_token_id -1);
+# floats (rms_norm_eps, rope_theta) are > 0.
+_TYPES = {
+    "int": (_is_int, "a whole number"),
+    "float": (_is_number, "a finite number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "dict": (lambda v: isinstance(v, dict), "an object {...}"),
+    "list[int]": (lambda v: isinstance(v, list) and all(_is_int(x) for x in v), "a list of whole numbers"),
+    "None": (lambda v: v is None, "null"),
+}
+
+
+def _admits(name: str, word: str, value) -> bool:
+    """Whether `value` is what one word of field `name`'s annotation allows (see _TYPES)."""
+    if not _TYPES[word][0](value):
+        return False
+    if word == "int":
+        return name.endswith("_token_id") or value >= 1
+    return value > 0 if word == "float" else True
+
+
+def _said(name: str, word: str) -> str:
+    """How a refusal says what one word of the annotation allows."""
+    bound = {"int": "" if name.endswith("_token_id") else " >= 1", "float": " > 0"}.get(word, "")
+    return _TYPES[word][1] + bound
+
+
+def _rope_kind(s: dict, default=None):
+    return s.get("rope_type", s.get("type", default))
 
 
 # Keys a config.json must have: the model's sizes (a missing one would silently take Llama-2-7B's).
@@ -53,15 +96,44 @@ class LlamaConfig:
     extra: dict = field(default_factory=dict, repr=False)  # other config.json keys, kept for saving
 
     def __post_init__(self):
+        self.check_types()  # first: the defaults below divide and index
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.rope_parameters:  # transformers 5 moves rope_theta and the scaling into one dict
             self.rope_theta = self.rope_parameters.get("rope_theta", self.rope_theta)
-            if self.rope_parameters.get("rope_type", "default") != "default":
+            if _rope_kind(self.rope_parameters, "default") != "default":
                 self.rope_scaling = self.rope_parameters
         self.validate()
+
+    def check_types(self):
+        """Each field against its annotation: a wrong type, a size < 1, a bool where a number belongs, a
+        non-finite float are refused naming the key and what it must be; then the RoPE dicts."""
+        for f in dataclasses.fields(self):
+            value, words = getattr(self, f.name), f.type.split(" | ")
+            if f.name != "extra" and not any(_admits(f.name, w, value) for w in words):
+                want = " or ".join(_said(f.name, w) for w in words)
+                raise BadInput(f"config.json: {f.name}={value!r}: must be {want}")
+        for key in ("rope_scaling", "rope_parameters"):
+            if getattr(self, key) is not None:
+                self._check_rope(key, getattr(self, key))
+
+    @staticmethod
+    def _check_rope(key: str, s: dict):
+        """A RoPE dict: a type written here, with the keys rope_inv_freq reads (finite numbers > 0)."""
+        kind = _rope_kind(s, "default" if key == "rope_parameters" else None)
+        if kind not in ROPE_KEYS:
+            raise BadInput(f"config.json: {key} type {kind!r} is not implemented; "
+                           f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        for k in ROPE_KEYS[kind] + (("rope_theta",) if "rope_theta" in s else ()):
+            if k not in s:
+                raise BadInput(f"config.json: {key} of type {kind!r} has no {k!r} (a finite number > 0)")
+            if not _is_number(s[k]) or s[k] <= 0:
+                raise BadInput(f"config.json: {key}[{k!r}]={s[k]!r}: must be a finite number > 0")
+        if kind == "llama3" and s["high_freq_factor"] <= s["low_freq_factor"]:
+            raise BadInput(f"config.json: {key}: high_freq_factor={s['high_freq_factor']!r} must be above "
+                           f"low_freq_factor={s['low_freq_factor']!r}")
 
     def validate(self):
         def refuse(key, why):
@@ -77,15 +149,8 @@ class LlamaConfig:
             refuse("mlp_bias", "is not supported (Llama's MLP has no biases)")
         if self.num_attention_heads % self.num_key_value_heads:
             refuse("num_key_value_heads", f"does not divide num_attention_heads={self.num_attention_heads}")
-        if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if kind not in SUPPORTED_ROPE_TYPES:
-                raise BadInput(f"config.json: rope_scaling type {kind!r} is not implemented; "
-                                  f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
-        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "vocab_size", "head_dim"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
-                refuse(key, "must be a positive integer")
+        if self.head_dim < 1:  # the default, hidden_size // num_attention_heads
+            refuse("head_dim", "(hidden_size // num_attention_heads) must be at least 1")
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -94,6 +159,8 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LlamaConfig":
+        if not isinstance(d, dict):
+            raise BadInput(f"config.json: must hold a JSON object {{...}}, not {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names}
@@ -112,15 +179,17 @@ class LlamaConfig:
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise BadInput(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}")
+            raise BadInput(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
+        except UnicodeDecodeError as e:
+            raise BadInput(f"{path}: cannot read it: not UTF-8 text ({e.reason} at byte {e.start})") from None
         missing = [k for k in REQUIRED if isinstance(d, dict) and k not in d]
         if missing:  # the defaults are Llama-2-7B's: a smaller checkpoint would fail later as a shape mismatch
             raise BadInput(f"{path}: no {', '.join(map(repr, missing))}; a Llama config.json names the model's "
                            f"sizes ({', '.join(REQUIRED)})")
         try:
             return cls.from_dict(d)
-        except BadInput as e:
-            raise BadInput(f"{path}: {e}") from None
+        except BadInput as e:  # "config.json: key=..." from validate becomes "<path>: key=..."
+            raise BadInput(f"{path}: {str(e).removeprefix('config.json: ')}") from None
 
     def to_dict(self) -> dict:
         d = dict(self.extra)
@@ -135,7 +204,7 @@ def rope_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
     s = cfg.rope_scaling
     if s is None:
         return inv_freq
-    kind = s.get("rope_type", s.get("type"))
+    kind = _rope_kind(s)
     if kind == "linear":  # positions divided by the factor
         return inv_freq / s["factor"]
     if kind == "llama3":  # long wavelengths slowed by `factor`, a smooth ramp in between (Llama 3.1)

@@ -17,15 +17,19 @@ import warnings
 from pathlib import Path
 
 from .atomic import atomic_file
+from .errors import BadInput
 
 COLUMNS = ("step", "epoch", "loss", "eval_loss", "eval_ppl")
 
 
 def _step_of(line):
+    """The step a log line belongs to (0: none); inf for a line cut short by a kill, or not a record."""
     try:
-        return json.loads(line).get("step", 0)
-    except json.JSONDecodeError:  # a line cut short by a kill
+        rec = json.loads(line)
+    except json.JSONDecodeError:
         return math.inf
+    step = rec.get("step", 0) if isinstance(rec, dict) else None
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else math.inf
 
 
 class RunLog:
@@ -49,23 +53,51 @@ class RunLog:
         self.f.close()
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _records(path: Path):
+    """(line number, record) of each non-blank line. An invalid last line that does not end the file with a
+    newline is the line a kill cut short, and is passed over; any other invalid line is refused (BadInput)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{path}: cannot read it: not UTF-8 text ({e.reason} at byte {e.start}); is it a "
+                       "log.jsonl?") from None
+    lines = [(n, ln) for n, ln in enumerate(text.splitlines(), 1) if ln.strip()]
+    for i, (n, line) in enumerate(lines):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1 and i > 0 and not text.endswith("\n"):
+                return  # the last line of a run killed mid-write
+            raise BadInput(f"{path}: line {n}, column {e.colno}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise BadInput(f"{path}: line {n}: must be a JSON object {{...}}, not {type(rec).__name__}")
+        yield n, rec
+
+
+def _check(path: Path, n: int, rec: dict):
+    """A record's step is a whole number and its numbers numbers (NaN included: a diverged run logs it)."""
+    if not isinstance(rec["step"], int) or isinstance(rec["step"], bool):
+        raise BadInput(f"{path}: line {n}: step={rec['step']!r}: must be a whole number")
+    for k in COLUMNS[1:]:
+        if rec.get(k) is not None and not _is_number(rec[k]):
+            raise BadInput(f"{path}: line {n}: {k}={rec[k]!r}: must be a number")
+
+
 def read_log(path) -> dict[str, list]:
     """{"train": [(step, loss)], "eval_loss": [(step, v)], "eval_ppl": [(step, v)], "rows": merged by step}."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such log")
     rows: dict[int, dict] = {}
-    lines = [(n, ln) for n, ln in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if ln.strip()]
-    for n, line in lines:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            if n == lines[-1][0]:
-                break  # the last line of a run killed mid-write
-            raise ValueError(f"{path}: line {n}, column {e.colno}: {e.msg}") from None
+    for n, rec in _records(path):
         if "event" in rec or "step" not in rec or not any(k in rec for k in COLUMNS[2:]):
             continue
-        row = rows.setdefault(int(rec["step"]), {"step": int(rec["step"])})
+        _check(path, n, rec)
+        row = rows.setdefault(rec["step"], {"step": rec["step"]})
         row.update({k: rec[k] for k in COLUMNS[1:] if rec.get(k) is not None})
     ordered = [rows[s] for s in sorted(rows)]
     series = {k: [(r["step"], r[k]) for r in ordered if k in r] for k in ("loss", "eval_loss", "eval_ppl")}

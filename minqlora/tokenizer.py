@@ -24,12 +24,14 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from .errors import BadInput
+
 # A NormalizerSpec appended to the serialized ModelProto (field 3, length 4) holding
 # add_dummy_prefix (field 3) = false and remove_extra_whitespaces (field 4) = false. Protobuf
 # merges a repeated message field into the earlier one, so these two settings override the
 # model's own and everything else is kept; we add the "▁" prefix ourselves, as transformers does.
 _NO_DUMMY_PREFIX = b"\x1a\x04\x18\x00\x20\x00"
-_LLAMA_CLASSES = {"LlamaTokenizer", "LlamaTokenizerFast"}
+_LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")  # a tuple: `in` takes any JSON value
 
 
 class _SentencePiece:
@@ -123,15 +125,60 @@ class _TokenizersJson:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special)
 
 
-def _read_json(path):
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+def read_json_object(path) -> dict:
+    """A model folder's JSON file as a dict ({} when absent); one that is not UTF-8 JSON holding an object
+    is refused naming it (chat.py reads tokenizer_config.json with this too)."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{path}: cannot read it: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{path}: cannot read it: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not isinstance(d, dict):
+        raise BadInput(f"{path}: cannot read it: must hold a JSON object {{...}}, not {type(d).__name__}")
+    return d
 
 
-def _first_id(value):
-    """config ids may be an int, a list of ints (Llama-3's eos_token_id) or null."""
-    if isinstance(value, list):
-        return value[0] if value else None
-    return value
+def _ids(cfg: dict, key: str, path: Path) -> list:
+    """A config's token ids under `key`: an int, a list of ints (Llama-3's eos_token_id) or null (none);
+    a negative id means none too (early Llama conversions wrote pad_token_id -1)."""
+    value = cfg.get(key)
+    ids = value if isinstance(value, list) else [] if value is None else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise BadInput(f"{path}: {key}={value!r}: must be a token id (a whole number), a list of them or null")
+    return [i for i in ids if i >= 0]
+
+
+def _token_string(path: Path, name: str, files: dict):
+    """The `{name}_token` string of tokenizer_config.json (else special_tokens_map.json), or None."""
+    for file in ("tokenizer_config.json", "special_tokens_map.json"):
+        token = files[file].get(f"{name}_token")
+        if isinstance(token, dict):  # {"content": "<s>", "__type": "AddedToken", ...}
+            token = token.get("content")
+        if token is not None and not isinstance(token, str):
+            raise BadInput(f"{path / file}: {name}_token={token!r}: must be a string, an object with a "
+                           "\"content\" string, or null")
+        if f"{name}_token" in files[file]:
+            return token or None
+    return None
+
+
+def _backend(path: Path, prepend_scheme: str, llama_class: bool):
+    """The tokenizer.model (first) or tokenizer.json of the folder; a damaged one is refused naming it."""
+    file = path / ("tokenizer.model" if (path / "tokenizer.model").exists() else "tokenizer.json")
+    if not file.exists():
+        raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in {path}")
+    try:
+        if file.name == "tokenizer.model":
+            return _SentencePiece(file, prepend_scheme)
+        return _TokenizersJson(file, prepend_scheme, llama_class)
+    except Exception as e:  # sentencepiece raises RuntimeError, tokenizers a bare Exception: the file is damaged
+        what = "not a SentencePiece model" if file.name == "tokenizer.model" else "not a tokenizers JSON file"
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInput(f"{file}: cannot read it: {what} ({detail})") from None
 
 
 class Tokenizer:
@@ -155,31 +202,24 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path):
+        """The folder's tokenizer, special ids from its tokenizer_config.json, special_tokens_map.json,
+        config.json and generation_config.json; a damaged file is refused naming it (BadInput)."""
         path = Path(path)
-        tok_cfg = {**_read_json(path / "special_tokens_map.json"), **_read_json(path / "tokenizer_config.json")}
-        model_cfg = _read_json(path / "config.json")
-        gen_cfg = _read_json(path / "generation_config.json")
-
+        files = {name: read_json_object(path / name) for name in (
+            "special_tokens_map.json", "tokenizer_config.json", "config.json", "generation_config.json")}
+        tok_cfg = {**files["special_tokens_map.json"], **files["tokenizer_config.json"]}
         # transformers' LlamaTokenizer: legacy defaults to False, add_prefix_space (even null) to True.
         if tok_cfg.get("add_prefix_space") is False:
             prepend_scheme = "never"
         else:
             prepend_scheme = "always" if tok_cfg.get("legacy", False) else "first"
-        if (path / "tokenizer.model").exists():
-            backend = _SentencePiece(path / "tokenizer.model", prepend_scheme)
-        elif (path / "tokenizer.json").exists():
-            llama_class = tok_cfg.get("tokenizer_class") in _LLAMA_CLASSES
-            backend = _TokenizersJson(path / "tokenizer.json", prepend_scheme, llama_class)
-        else:
-            raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in {path}")
+        backend = _backend(path, prepend_scheme, tok_cfg.get("tokenizer_class") in _LLAMA_CLASSES)
+        configs = ("config.json", "generation_config.json")
 
         def special_id(name):
-            token = tok_cfg.get(f"{name}_token")
-            if isinstance(token, dict):  # {"content": "<s>", "__type": "AddedToken", ...}
-                token = token.get("content")
-            for candidate in (backend.token_id(token) if token else None,
-                              _first_id(model_cfg.get(f"{name}_token_id")),
-                              _first_id(gen_cfg.get(f"{name}_token_id")),
+            token = _token_string(path, name, files)
+            from_configs = [i for c in configs for i in _ids(files[c], f"{name}_token_id", path / c)[:1]]
+            for candidate in (backend.token_id(token) if token else None, *from_configs,
                               getattr(backend, f"{name}_id", None)):
                 if candidate is not None:
                     return candidate
@@ -187,9 +227,8 @@ class Tokenizer:
 
         bos_id, eos_id = special_id("bos"), special_id("eos")
         stop_ids = {eos_id} if eos_id is not None else set()
-        for cfg in (model_cfg, gen_cfg):
-            value = cfg.get("eos_token_id")
-            stop_ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+        for c in configs:
+            stop_ids.update(_ids(files[c], "eos_token_id", path / c))
         return cls(backend, bos_id, eos_id, special_id("pad"), tuple(sorted(stop_ids)))
 
     def encode(self, text, bos=False, eos=False):
