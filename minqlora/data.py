@@ -258,8 +258,9 @@ def make_data_module(tok, *, dataset, dataset_format, eval_dataset=None, do_eval
             records, eval_records = split_train_eval(records, eval_dataset_size=eval_dataset_size,
                                                      max_eval_samples=max_eval_samples, seed=seed)
     except BadInput as e:
+        wrong_format = dataset_format == "input-output" and "'input'" in str(e)  # instruction records, probably
         hint = (" (--dataset_format input-output reads each record's 'input'; for instruction/output records "
-                "pass --dataset_format alpaca or course)") if "'input'" in str(e) else ""
+                "pass --dataset_format alpaca or course)") if wrong_format else ""
         raise BadInput(f"{e}{hint}") from None
     records = records[:max_train_samples]
     if not records:

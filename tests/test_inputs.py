@@ -114,3 +114,13 @@ def test_help_shows_defaults(capsys):
         parse_dataclasses({"quantization flags": Flags}, ["--help"])
     out = capsys.readouterr().out
     assert "quantization flags:" in out and "quantization (default: nf4)" in out
+
+
+@pytest.mark.parametrize("fmt, hinted", [("alpaca", False), ("input-output", True)])
+def test_the_input_output_hint_only_for_that_format(tmp_path, fmt, hinted):
+    """A non-string 'input' under --dataset_format alpaca was told to pass --dataset_format alpaca."""
+    from minqlora.data import make_data_module
+    p = write(tmp_path, "d.json", json.dumps([{"instruction": "a", "input": True, "output": "b"}]))
+    with pytest.raises(BadInput, match="non-string 'input'") as e:
+        make_data_module(None, dataset=str(p), dataset_format=fmt, source_max_len=8, target_max_len=8)
+    assert ("pass --dataset_format alpaca or course" in str(e.value)) == hinted
