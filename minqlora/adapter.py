@@ -22,7 +22,6 @@ beside a targeted lm_head's LoRA is checked against the base's.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -33,7 +32,7 @@ from safetensors.torch import load_file
 
 from .atomic import atomic_dir, atomic_file, save_safetensors
 from .lora import LoRALinear, apply_lora, lora_modules, target_module_names
-from .errors import BadInput, unreadable
+from .errors import BadInput, is_int, is_number, unreadable
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -184,10 +183,6 @@ def choose_prompt(asked: str, adapter_dir) -> tuple[str, str | None]:
     return asked, None
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _read_config(path: Path) -> dict:
     """adapter_config.json, every field minqlora uses checked for its type, every option it does not implement
     refused by name."""
@@ -205,11 +200,11 @@ def _read_config(path: Path) -> dict:
         if key not in cfg:
             raise BadInput(f"{path}: missing {key!r}")
     r, alpha, dropout = cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0)
-    if not (isinstance(r, int) and not isinstance(r, bool) and r >= 1):
+    if not (is_int(r) and r >= 1):
         raise BadInput(f"{path}: r={r!r}; the rank must be a whole number, at least 1")
-    if not _is_number(alpha):
+    if not is_number(alpha):
         raise BadInput(f"{path}: lora_alpha={alpha!r}; must be a number")
-    if not (_is_number(dropout) and 0 <= dropout < 1):
+    if not (is_number(dropout) and 0 <= dropout < 1):
         raise BadInput(f"{path}: lora_dropout={dropout!r}; must be a number in [0, 1)")
     if cfg.get("bias", "none") != "none":
         raise BadInput(f"{path}: bias={cfg['bias']!r} is not supported (only 'none')")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import BadInput
+from .errors import BadInput, is_int, is_number
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 # Each RoPE scaling type and the keys rope_inv_freq reads from its dict (each a finite number > 0).
@@ -24,24 +24,16 @@ ROPE_KEYS = {"default": (), "linear": ("factor",),
 SUPPORTED_ROPE_TYPES = tuple(ROPE_KEYS)
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is not 1
-
-
-def _is_number(v) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
-
-
 # What each word of a field's annotation admits, and how a refusal says it (_admits adds the bounds).
 # Integers are sizes (>= 1) except the *_token_id fields (any: early Llama conversions say pad_token_id -1);
 # floats (rms_norm_eps, rope_theta) are > 0.
 _TYPES = {
-    "int": (_is_int, "a whole number"),
-    "float": (_is_number, "a finite number"),
+    "int": (is_int, "a whole number"),
+    "float": (is_number, "a finite number"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "str": (lambda v: isinstance(v, str), "a string"),
     "dict": (lambda v: isinstance(v, dict), "an object {...}"),
-    "list[int]": (lambda v: isinstance(v, list) and all(_is_int(x) for x in v), "a list of whole numbers"),
+    "list[int]": (lambda v: isinstance(v, list) and all(is_int(x) for x in v), "a list of whole numbers"),
     "None": (lambda v: v is None, "null"),
 }
 
@@ -129,7 +121,7 @@ class LlamaConfig:
         for k in ROPE_KEYS[kind] + (("rope_theta",) if "rope_theta" in s else ()):
             if k not in s:
                 raise BadInput(f"config.json: {key} of type {kind!r} has no {k!r} (a finite number > 0)")
-            if not _is_number(s[k]) or s[k] <= 0:
+            if not is_number(s[k]) or s[k] <= 0:
                 raise BadInput(f"config.json: {key}[{k!r}]={s[k]!r}: must be a finite number > 0")
         if kind == "llama3" and s["high_freq_factor"] <= s["low_freq_factor"]:
             raise BadInput(f"config.json: {key}: high_freq_factor={s['high_freq_factor']!r} must be above "

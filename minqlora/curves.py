@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 from .atomic import atomic_file
-from .errors import BadInput
+from .errors import BadInput, is_int, is_number
 
 COLUMNS = ("step", "epoch", "loss", "eval_loss", "eval_ppl")
 
@@ -29,7 +29,7 @@ def _step_of(line):
     except json.JSONDecodeError:
         return math.inf
     step = rec.get("step", 0) if isinstance(rec, dict) else None
-    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else math.inf
+    return step if is_number(step, finite=False) else math.inf
 
 
 class RunLog:
@@ -51,10 +51,6 @@ class RunLog:
 
     def close(self):
         self.f.close()
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _records(path: Path):
@@ -80,10 +76,10 @@ def _records(path: Path):
 
 def _check(path: Path, n: int, rec: dict):
     """A record's step is a whole number and its numbers numbers (NaN included: a diverged run logs it)."""
-    if not isinstance(rec["step"], int) or isinstance(rec["step"], bool):
+    if not is_int(rec["step"]):
         raise BadInput(f"{path}: line {n}: step={rec['step']!r}: must be a whole number")
     for k in COLUMNS[1:]:
-        if rec.get(k) is not None and not _is_number(rec[k]):
+        if rec.get(k) is not None and not is_number(rec[k], finite=False):
             raise BadInput(f"{path}: line {n}: {k}={rec[k]!r}: must be a number")
 
 

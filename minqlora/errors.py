@@ -16,6 +16,7 @@ tests/test_infer_scripts.py.
 """
 from __future__ import annotations
 
+import math
 import pickle
 import sys
 
@@ -53,6 +54,16 @@ def close_progress_bars():
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
     sys.stdout.flush()
+
+
+def is_int(v) -> bool:
+    """A whole number as JSON gives it (true and false are not numbers)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v, finite: bool = True) -> bool:
+    """A number as JSON gives it (not a bool); finite unless finite=False."""
+    return (is_int(v) or isinstance(v, float)) and (not finite or math.isfinite(v))
 
 
 def unreadable(path, e: Exception) -> BadInput:

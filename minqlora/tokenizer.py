@@ -24,7 +24,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from .errors import BadInput
+from .errors import BadInput, is_int
 
 # A NormalizerSpec appended to the serialized ModelProto (field 3, length 4) holding
 # add_dummy_prefix (field 3) = false and remove_extra_whitespaces (field 4) = false. Protobuf
@@ -147,7 +147,7 @@ def _ids(cfg: dict, key: str, path: Path) -> list:
     a negative id means none too (early Llama conversions wrote pad_token_id -1)."""
     value = cfg.get(key)
     ids = value if isinstance(value, list) else [] if value is None else [value]
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+    if not all(is_int(i) for i in ids):
         raise BadInput(f"{path}: {key}={value!r}: must be a token id (a whole number), a list of them or null")
     return [i for i in ids if i >= 0]
 
