@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 
 from .atomic import atomic_dir, atomic_file, save_safetensors
 from .lora import LoRALinear, apply_lora, lora_modules, target_module_names
+from .config import read_json_object
 from .errors import BadInput, is_int, is_number, unreadable
 
 CONFIG_NAME = "adapter_config.json"
@@ -188,12 +189,7 @@ def _read_config(path: Path) -> dict:
     refused by name."""
     if not path.exists():
         raise BadInput(f"{path}: not found; an adapter folder needs {CONFIG_NAME}")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise BadInput(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
-    if not isinstance(cfg, dict):
-        raise BadInput(f"{path}: holds a JSON {type(cfg).__name__}, not an object of LoraConfig fields")
+    cfg = read_json_object(path)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise BadInput(f"{path}: peft_type={cfg['peft_type']!r}; only LORA adapters are supported")
     for key in ("r", "lora_alpha", "target_modules"):

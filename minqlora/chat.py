@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .data import Prompt
 from .errors import BadInput
-from .tokenizer import read_json_object
+from .config import read_json_object
 
 # What the template is tried on when it is read, so that one failing on every prompt is refused before the
 # model loads: one user turn, the shape of every prompt minqlora renders without few-shot examples.

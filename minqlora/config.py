@@ -57,6 +57,24 @@ def _rope_kind(s: dict, default=None):
     return s.get("rope_type", s.get("type", default))
 
 
+def read_json_object(path) -> dict:
+    """A model folder's JSON file as a dict ({} when absent); one that is not UTF-8 JSON holding an object
+    is refused naming it (config.json here; the tokenizer's, chat templates' and adapters' files)."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{path}: cannot read it: not valid JSON (line {e.lineno}, column {e.colno}): "
+                       f"{e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{path}: cannot read it: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not isinstance(d, dict):
+        raise BadInput(f"{path}: cannot read it: must hold a JSON object {{...}}, not {type(d).__name__}")
+    return d
+
+
 # Keys a config.json must have: the model's sizes (a missing one would silently take Llama-2-7B's).
 REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
@@ -168,13 +186,8 @@ class LlamaConfig:
                            "the weights and the tokenizer")
         if not path.exists():
             raise FileNotFoundError(f"{path}: no config.json; a model folder needs one")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise BadInput(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
-        except UnicodeDecodeError as e:
-            raise BadInput(f"{path}: cannot read it: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        missing = [k for k in REQUIRED if isinstance(d, dict) and k not in d]
+        d = read_json_object(path)
+        missing = [k for k in REQUIRED if k not in d]
         if missing:  # the defaults are Llama-2-7B's: a smaller checkpoint would fail later as a shape mismatch
             raise BadInput(f"{path}: no {', '.join(map(repr, missing))}; a Llama config.json names the model's "
                            f"sizes ({', '.join(REQUIRED)})")

@@ -18,12 +18,12 @@ piece id instead; that differs only where scores don't follow ids, in Llama-2 th
 ("▁▁" is id 259 but scored last), so only text with runs of spaces can tokenize differently there
 ("a  b"). On the course's train.json (30,000 instructions, outputs and prompts) the two agree.
 """
-import json
 import re
 from pathlib import Path
 
 import sentencepiece as spm
 
+from .config import read_json_object
 from .errors import BadInput, is_int
 
 # A NormalizerSpec appended to the serialized ModelProto (field 3, length 4) holding
@@ -123,23 +123,6 @@ class _TokenizersJson:
 
     def decode(self, ids, skip_special):
         return self.tk.decode(list(ids), skip_special_tokens=skip_special)
-
-
-def read_json_object(path) -> dict:
-    """A model folder's JSON file as a dict ({} when absent); one that is not UTF-8 JSON holding an object
-    is refused naming it (chat.py reads tokenizer_config.json with this too)."""
-    path = Path(path)
-    if not path.exists():
-        return {}
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise BadInput(f"{path}: cannot read it: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise BadInput(f"{path}: cannot read it: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if not isinstance(d, dict):
-        raise BadInput(f"{path}: cannot read it: must hold a JSON object {{...}}, not {type(d).__name__}")
-    return d
 
 
 def _ids(cfg: dict, key: str, path: Path) -> list:

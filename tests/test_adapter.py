@@ -198,7 +198,7 @@ def test_refuses_unsupported_config(tmp_path, change, match):
 def test_refuses_a_config_that_is_not_an_object(tmp_path):
     _, _, out = mq_adapter(tmp_path, targets=["q_proj"])
     (out / "adapter_config.json").write_text("[1, 2]")
-    assert_refused(out, "adapter_config.json: holds a JSON list, not an object")
+    assert_refused(out, r"adapter_config.json: cannot read it: must hold a JSON object \{...\}, not list")
 
 
 @pytest.mark.parametrize("init", [False, "gaussian", "orthogonal"])
