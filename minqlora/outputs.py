@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 from .errors import BadInput
@@ -43,18 +44,24 @@ def check_output_dir_path(path, flag: str = "--output_dir"):
     _check_writable_within(p, flag, path)
 
 
+# What the commands read from a model or an adapter folder (an output of the same name there would replace it).
+FOLDER_FILES = re.compile(r"(generation_)?config\.json|special_tokens_map\.json|tokenizer.*|chat_template\..*|"
+                          r".*\.safetensors|.*\.bin|.*\.index\.json|adapter_config\.json|minqlora\.json")
+
+
 def check_output_file_path(path, flag: str, inputs: dict | None = None):
     """A file the command will write (under a temporary name beside it, then renamed); `inputs` ({flag: path}
-    of the files and folders the command reads): the file may be none of them, nor inside one."""
+    of the files and folders the command reads): the file may be none of those files, nor a file the command
+    reads in one of those folders (a new file beside them, e.g. predictions in the adapter's folder, may)."""
     if path is None or str(path).strip() == "":
         raise BadInput(f'{flag} "": empty; give a file name')
     p = Path(path)
     if p.is_dir():
         raise BadInput(f"{flag} {path}: is a folder; give a file name")
     for in_flag, in_path in (inputs or {}).items():
-        q = Path(in_path).resolve() if in_path else None
-        if q is not None and (q == p.resolve() or (q.is_dir() and q in p.resolve().parents)):
-            where = "is" if q == p.resolve() else "is inside"
+        q, out = Path(in_path).resolve() if in_path else None, p.resolve()
+        if q is not None and (q == out or (q.is_dir() and out.parent == q and FOLDER_FILES.fullmatch(out.name))):
+            where = "is" if q == out else f"is the {out.name} of"
             raise BadInput(f"{flag} {path}: {where} {in_flag} {in_path}, which this command reads; writing it "
                            "would lose it: choose another path")
     if p.exists() and not os.access(p, os.W_OK):

@@ -108,11 +108,16 @@ def test_an_output_that_is_an_input_is_refused(tmp_path, capsys, no_model_load):
             (lambda: ppl_main(["--test_data_path", str(data), "--per_example_out", str(data)]),
              f"--per_example_out {data}: is --test_data_path"),
             (lambda: ppl_main(["--test_data_path", str(data), "--per_example_out", str(TINY / "config.json")]),
-             "is inside --base_model_path weights/tiny, which this command reads")]
+             "is the config.json of --base_model_path weights/tiny, which this command reads")]
     for run, message in runs:
         assert run() == 2
         one_error_line(capsys.readouterr().err, message)
     assert data.read_bytes() == before
+    # a new file beside what is read, e.g. predict.py's default output/predictions.json in train.py's default
+    # --output_dir ./output (the adapter's folder), is no input: accepted
+    from minqlora.outputs import check_output_file_path
+    for name in ("predictions.json", "ppl.csv"):
+        check_output_file_path(tmp_path / name, "--output_path", inputs={"--peft_path": tmp_path, "--data": data})
 
 
 @pytest.mark.parametrize("flag,value", [("temperature", "nan"), ("top_p", "0"), ("repetition_penalty", "-1"),
