@@ -16,6 +16,8 @@ apply_chat_template's own tokenization has none). Checked in tests/test_chat.py 
 """
 from __future__ import annotations
 
+import json
+from datetime import datetime
 from pathlib import Path
 
 from .data import Prompt
@@ -32,8 +34,9 @@ class ChatTemplateError(BadInput):
 
 
 def _read_template(folder: Path) -> tuple[str, dict]:
-    """(template, tokenizer_config) from tokenizer_config.json, or chat_template.jinja/.json beside it."""
-    cfg = read_json_object(folder / "tokenizer_config.json")
+    """(template, special tokens) from tokenizer_config.json, or chat_template.jinja/.json beside it; the tokens
+    from tokenizer_config.json, else special_tokens_map.json (as tokenizer.py and transformers read them)."""
+    cfg = {**read_json_object(folder / "special_tokens_map.json"), **read_json_object(folder / "tokenizer_config.json")}
     template = cfg.get("chat_template")
     if (folder / "chat_template.jinja").exists():
         try:
@@ -50,6 +53,16 @@ def _read_template(folder: Path) -> tuple[str, dict]:
         raise ChatTemplateError(f"--prompt_template chat: {folder} has no chat template (tokenizer_config.json's "
                                 "chat_template, chat_template.jinja or chat_template.json)")
     return template, cfg
+
+
+def _strftime_now(fmt: str) -> str:
+    """Today's date in a template (Llama 3.2's system turn), as transformers renders it."""
+    return datetime.now().strftime(fmt)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """transformers' tojson: plain JSON (Jinja's own escapes <, >, & and ' for HTML)."""
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _token(cfg, name):
@@ -77,6 +90,8 @@ class ChatPrompt:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = _strftime_now  # transformers' additions, which templates use
+        env.filters["tojson"] = _tojson
         try:
             self.jinja = env.from_string(source)
         except TemplateError as e:

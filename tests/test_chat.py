@@ -27,24 +27,30 @@ LLAMA2 = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system
           "{{ bos_token + '[INST] ' + message['content'].strip() + ' [/INST]' }}"
           "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'].strip() + ' ' + eos_token }}"
           "{% endif %}{% endfor %}")
+# transformers' Jinja additions: strftime_now (Llama 3.2's system turn) and a tojson without HTML escapes
+DATED = ("{{ 'Today Date: ' + strftime_now('%d %b %Y') + '\n' }}{% for message in messages %}"
+         "{{ message['role'] + ': ' + (message['content'] | tojson) + '\n' }}{% endfor %}"
+         "{% if add_generation_prompt %}{{ 'assistant: <&>' }}{% endif %}")
 RECORD = {"id": "r", "instruction": "翻譯成文言文：\n我今天要去京城。", "output": "吾今日將往京師。"}
 SHOTS = [{"instruction": "將軍聞之，大怒。翻譯成現代文", "output": "將軍聽了很生氣。"},
          {"instruction": "若汝不往", "output": "如果你不去"}]
 
 
-def tiny_with_template(tmp_path, template):
+def tiny_with_template(tmp_path, template, specials_in_map_only=False):
     folder = tmp_path / "tiny"
     shutil.copytree(REPO / "weights" / "tiny", folder)
     cfg = json.loads((folder / "tokenizer_config.json").read_text())
     cfg["chat_template"] = template
+    if specials_in_map_only:  # bos_token and eos_token in special_tokens_map.json alone, as older folders have
+        del cfg["bos_token"], cfg["eos_token"]
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False))
     return folder
 
 
-@pytest.mark.parametrize("template", [LLAMA2, CHATML])
-def test_render_equals_transformers(tmp_path, template):
+@pytest.mark.parametrize("template, map_only", [(LLAMA2, False), (CHATML, False), (DATED, False), (LLAMA2, True)])
+def test_render_equals_transformers(tmp_path, template, map_only):
     transformers = pytest.importorskip("transformers")
-    folder = tiny_with_template(tmp_path, template)
+    folder = tiny_with_template(tmp_path, template, specials_in_map_only=map_only)
     hf = transformers.AutoTokenizer.from_pretrained(folder)
     chat = ChatPrompt(folder)
     turns = [{"role": "user", "content": SHOTS[0]["instruction"]}, {"role": "assistant", "content": SHOTS[0]["output"]},
