@@ -172,6 +172,8 @@ class LlamaConfig:
         if not isinstance(d, dict):
             raise BadInput(f"config.json: must hold a JSON object {{...}}, not {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        if "dtype" in d:  # transformers >= 4.56 spells torch_dtype so: one key, read and written as torch_dtype
+            d = {**{k: v for k, v in d.items() if k != "dtype"}, "torch_dtype": d.get("torch_dtype") or d["dtype"]}
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names}
         return cls(**known, extra=extra)

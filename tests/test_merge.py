@@ -109,3 +109,23 @@ def test_save_checkpoint_never_drops_an_lm_head_that_is_not_the_embeddings(tmp_p
     with pytest.raises(ValueError, match="lm_head.weight differs from model.embed_tokens.weight"):
         save_checkpoint(m.state_dict(), m.config, tmp_path / "untied")
     assert not (tmp_path / "untied").exists()
+
+
+def test_merge_keeps_the_dtype_transformers_5_writes_as_dtype(tmp_path):
+    """transformers >= 4.56 writes "dtype", not "torch_dtype": --dtype auto took float32 (twice the size) and
+    left the stale "dtype" beside the new torch_dtype."""
+    import json
+    from safetensors.torch import load_file
+    hf = hf_model(seed=4).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "base")
+    saved = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert saved.get("dtype") == "bfloat16" and "torch_dtype" not in saved  # what the test is about
+    m = load_model(tmp_path / "base", bits=16, progress=False)
+    apply_lora(m, r=4, alpha=8, dropout=0.0, targets=["q_proj"])
+    save_adapter(m, tmp_path / "adapter", r=4, alpha=8, dropout=0.0, targets=["q_proj"], base_model_name_or_path=None)
+    assert merge.main(["--base_model_path", str(tmp_path / "base"), "--peft_path", str(tmp_path / "adapter"),
+                       "--output_dir", str(tmp_path / "merged")]) == 0
+    weights = load_file(tmp_path / "merged" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    written = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert written["torch_dtype"] == "bfloat16" and written.get("dtype", "bfloat16") == "bfloat16"
