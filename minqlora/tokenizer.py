@@ -188,6 +188,8 @@ class Tokenizer:
         """The folder's tokenizer, special ids from its tokenizer_config.json, special_tokens_map.json,
         config.json and generation_config.json; a damaged file is refused naming it (BadInput)."""
         path = Path(path)
+        if not path.is_dir():
+            raise BadInput(f"{path}: no such model folder" if not path.exists() else f"{path}: not a model folder")
         files = {name: read_json_object(path / name) for name in (
             "special_tokens_map.json", "tokenizer_config.json", "config.json", "generation_config.json")}
         tok_cfg = {**files["special_tokens_map.json"], **files["tokenizer_config.json"]}

@@ -134,6 +134,8 @@ def test_smaller_messages(tmp_path, capsys, no_model_load):
     one_error_line(capsys.readouterr().err, "is a folder; give a data file")
     assert train_main(fast_args(tmp_path / "out", data, model_name_or_path=TINY / "tokenizer.model")) == 2
     one_error_line(capsys.readouterr().err, "is a file, not a model folder")
+    assert ppl_main(["--base_model_path", str(tmp_path / "nowhere"), "--test_data_path", str(data)]) == 2
+    one_error_line(capsys.readouterr().err, "nowhere: no such model folder")  # (it named the tokenizer files)
     cfg = json.loads((TINY / "config.json").read_text())
     del cfg["hidden_size"]
     (tmp_path / "m").mkdir()
