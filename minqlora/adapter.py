@@ -7,7 +7,7 @@ r, alpha and the target list. A folder holds
     adapter_model.safetensors    base_model.model.<module>.lora_A.weight, ...
                                  (or adapter_model.bin, a torch.save'd dict)
 which is what `peft.PeftModel.save_pretrained` writes and `from_pretrained`
-reads; checked both ways against peft 0.21 in tests/test_adapter.py.
+reads; checked both ways against peft (0.21, 0.22) in tests/test_adapter.py.
 
 Loading is strict: any key that has no LoRA module, any module without its
 tensors, any shape or rank mismatch, a field of the wrong type, any peft
