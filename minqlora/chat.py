@@ -23,6 +23,7 @@ from pathlib import Path
 from .data import Prompt
 from .errors import BadInput
 from .config import read_json_object
+from .tokenizer import special_token
 
 # What the template is tried on when it is read, so that one failing on every prompt is refused before the
 # model loads: one user turn, the shape of every prompt minqlora renders without few-shot examples.
@@ -34,10 +35,10 @@ class ChatTemplateError(BadInput):
 
 
 def _read_template(folder: Path) -> tuple[str, dict]:
-    """(template, special tokens) from tokenizer_config.json, or chat_template.jinja/.json beside it; the tokens
-    from tokenizer_config.json, else special_tokens_map.json (as tokenizer.py and transformers read them)."""
-    cfg = {**read_json_object(folder / "special_tokens_map.json"), **read_json_object(folder / "tokenizer_config.json")}
-    template = cfg.get("chat_template")
+    """(template, {file: contents} of tokenizer_config.json and special_tokens_map.json) from
+    tokenizer_config.json, or chat_template.jinja/.json beside it."""
+    files = {name: read_json_object(folder / name) for name in ("tokenizer_config.json", "special_tokens_map.json")}
+    template = files["tokenizer_config.json"].get("chat_template")
     if (folder / "chat_template.jinja").exists():
         try:
             template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
@@ -52,7 +53,7 @@ def _read_template(folder: Path) -> tuple[str, dict]:
     if not isinstance(template, str) or not template:
         raise ChatTemplateError(f"--prompt_template chat: {folder} has no chat template (tokenizer_config.json's "
                                 "chat_template, chat_template.jinja or chat_template.json)")
-    return template, cfg
+    return template, files
 
 
 def _strftime_now(fmt: str) -> str:
@@ -63,11 +64,6 @@ def _strftime_now(fmt: str) -> str:
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
     """transformers' tojson: plain JSON (Jinja's own escapes <, >, & and ' for HTML)."""
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _token(cfg, name):
-    value = cfg.get(name)
-    return value.get("content") if isinstance(value, dict) else value
 
 
 class ChatPrompt:
@@ -82,7 +78,7 @@ class ChatPrompt:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         folder = Path(folder)
-        source, cfg = _read_template(folder)
+        source, files = _read_template(folder)
 
         def raise_exception(message):
             raise ChatTemplateError(f"{folder}: the chat template refused: {message}")
@@ -97,7 +93,8 @@ class ChatPrompt:
         except TemplateError as e:
             raise ChatTemplateError(f"{folder}: the chat template is not valid Jinja: {e}") from None
         self.folder = folder
-        self.specials = {k: _token(cfg, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        # as tokenizer.py reads them: tokenizer_config.json's, else special_tokens_map.json's
+        self.specials = {f"{k}_token": special_token(folder, k, files) for k in ("bos", "eos", "unk", "pad")}
         self.bos = self.specials["bos_token"] if isinstance(self.specials["bos_token"], str) else ""
         self.render(_TRIAL)
 

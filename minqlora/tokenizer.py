@@ -135,8 +135,9 @@ def _ids(cfg: dict, key: str, path: Path) -> list:
     return [i for i in ids if i >= 0]
 
 
-def _token_string(path: Path, name: str, files: dict):
-    """The `{name}_token` string of tokenizer_config.json (else special_tokens_map.json), or None."""
+def special_token(path: Path, name: str, files: dict):
+    """The `{name}_token` string of tokenizer_config.json (else special_tokens_map.json), or None; `files`
+    holds those two files' contents (read_json_object). chat.py passes the same strings to templates."""
     for file in ("tokenizer_config.json", "special_tokens_map.json"):
         token = files[file].get(f"{name}_token")
         if isinstance(token, dict):  # {"content": "<s>", "__type": "AddedToken", ...}
@@ -145,7 +146,7 @@ def _token_string(path: Path, name: str, files: dict):
             raise BadInput(f"{path / file}: {name}_token={token!r}: must be a string, an object with a "
                            "\"content\" string, or null")
         if f"{name}_token" in files[file]:
-            return token or None
+            return token
     return None
 
 
@@ -202,7 +203,7 @@ class Tokenizer:
         configs = ("config.json", "generation_config.json")
 
         def special_id(name):
-            token = _token_string(path, name, files)
+            token = special_token(path, name, files)
             from_configs = [i for c in configs for i in _ids(files[c], f"{name}_token_id", path / c)[:1]]
             for candidate in (backend.token_id(token) if token else None, *from_configs,
                               getattr(backend, f"{name}_id", None)):
